@@ -1,0 +1,43 @@
+# dino-scale: two commands do all the set-up on a fresh machine.
+#   make demo   installs into .venv and runs the whole flow on the embedded default
+#   make test   installs into .venv and runs the test suite
+#
+# TORCH_SPEC is what gets installed when .venv has no torch yet. The default pair is the
+# build these machines carry on local disk (a CUDA build that also runs on CPU); on GPU
+# machines bring your own: `make TORCH_SPEC="torch==2.5.1 torchvision==0.20.1" test`, or
+# install torch into .venv first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# The native op: the CUDA kernel is compiled whenever nvcc and a CUDA build of torch are
+# present, even without a GPU, so a broken .cu fails the install (and CI).
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard ops/*.h ops/*.cpp ops/*.cu)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) launch/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info outputs
