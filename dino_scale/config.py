@@ -73,6 +73,8 @@ class ModelConfig:
     dn_number: int = 100
     dn_box_noise_scale: float = 1.0
     dn_label_noise_ratio: float = 0.5
+    # rows of the denoising label embedding minus one; None = num_classes (official default)
+    dn_labelbook_size: int | None = None
     # matcher costs and loss weights
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -133,6 +135,8 @@ class OptimConfig:
         default_factory=lambda: ["reference_points", "sampling_offsets"]
     )
     lr_linear_proj_mult: float = 0.1
+    # parameter-name substrings that get `lr_backbone` (official DINO: "backbone.0")
+    lr_backbone_names: list[str] = field(default_factory=lambda: ["backbone."])
     epochs: int = 12
     # total steps; when set it overrides epochs (resampled/pretraining runs)
     max_steps: int | None = None
@@ -152,6 +156,8 @@ class DeepSpeedConfig:
     micro_batch_per_gpu: int = 2
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 0.1
+    # DeepSpeed's own log interval (its "steps_per_print")
+    steps_per_print: int = 1000
     # raw keys merged into the generated DeepSpeed JSON config (expert knobs)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -163,6 +169,10 @@ class MetricsConfig:
     base_port: int = 9400
     bind_address: str = "127.0.0.1"
     log_every_steps: int = 20
+    # histogram buckets (seconds) for step and data-wait times
+    step_seconds_buckets: list[float] = field(
+        default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+    )
 
 
 @dataclass
@@ -177,6 +187,18 @@ class TrainConfig:
     # allow unpickling arbitrary objects from pretrained files (official .pth files
     # hold an argparse.Namespace); off by default
     allow_unsafe_pickle: bool = False
+    # categories the pretrained weights were trained on: a COCO JSON or a shard
+    # manifest.json with `categories`; None = taken from the export's metadata (official
+    # checkpoints carry none: then class rows start from scratch unless this is given)
+    pretrained_categories: str | None = None
+    # resume automatically from the latest complete checkpoint in paths.output_dir
+    auto_resume: bool = True
+    # write <output_dir>/export/model.safetensors (consolidated fp32) at the end
+    export_at_end: bool = True
+    # evaluate at the end of training (needs data.val_images/val_annotations)
+    eval_at_end: bool = True
+    # score threshold for pictures drawn by launch/infer.py and the demo
+    draw_score_threshold: float = 0.3
 
 
 @dataclass
@@ -184,6 +206,8 @@ class PathsConfig:
     output_dir: str = "outputs/run"
     # when None, logs go to <output_dir>/logs
     log_dir: str | None = None
+    # when None, checkpoints go to <output_dir>/checkpoints
+    checkpoint_dir: str | None = None
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""The DeepSpeed JSON config generated from our `deepspeed` config section."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from dino_scale.config import Config
+
+
+def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_merge(dst[key], value)
+        else:
+            dst[key] = copy.deepcopy(value)
+
+
+def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config for `world_size` data-parallel ranks.
+
+    The optimizer is a client torch AdamW (see `optim.build_optimizer`), so no "optimizer"
+    or "scheduler" block is generated: the trainer owns the schedule. `deepspeed.extra` is
+    merged last, key by key.
+    """
+    ds = cfg.deepspeed
+    if ds.precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "deepspeed.precision=fp16 needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
+                "use bf16 or fp32"
+            )
+    micro = ds.micro_batch_per_gpu
+    accum = ds.gradient_accumulation_steps
+    if micro < 1 or accum < 1:
+        raise ValueError("deepspeed.micro_batch_per_gpu and gradient_accumulation_steps must be >= 1")
+    config: dict[str, Any] = {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": ds.gradient_clipping,
+        "steps_per_print": ds.steps_per_print,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+    if ds.zero_stage in (1, 2):
+        config["zero_optimization"].update(
+            {"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True}
+        )
+    if ds.zero_stage == 3:
+        config["zero_optimization"].update(
+            {"stage3_gather_16bit_weights_on_model_save": False, "overlap_comm": False}
+        )
+    _deep_merge(config, ds.extra)
+    return config

@@ -1,0 +1,436 @@
+"""The DeepSpeed training loop shared by pretraining and fine-tuning.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches per rank. Per micro-batch:
+
+1. fetch a batch; one all-reduce tells every rank whether any rank ran out of data (end of
+   the epoch for all: ranks never wait on a collective the others skipped) or was asked to
+   stop (SIGTERM: checkpoint, then exit);
+2. forward + loss; a second all-reduce tells whether the loss is finite on every rank.
+   If not, no rank calls backward/step: the micro-batch is skipped and counted, and after
+   `optim.max_consecutive_skipped_steps` skips in a row training stops with an error.
+   DeepSpeed's own overflow check (ZeRO 1/2: non-finite gradient norm) can still refuse a
+   step; `was_step_applied()` counts those as skipped too;
+3. `engine.backward`, `engine.step` (DeepSpeed accumulates and clips at 0.1).
+
+Checkpoints every `train.checkpoint_every_steps` optimizer steps, on SIGTERM, and at the
+end; a run resumes by itself from the latest complete one in the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from dino_scale.config import Config, config_to_dict
+from dino_scale.engine import distributed as dist_utils
+from dino_scale.engine.batching import batch_to, outputs_to_float
+from dino_scale.engine.checkpoint import (
+    CheckpointManager, capture_rng_state, latest_complete, restore_rng_state, tag_for_step,
+)
+from dino_scale.engine.ds_config import build_deepspeed_config
+from dino_scale.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_factor
+from dino_scale.io import atomic_write_text
+from dino_scale.log import get_logger
+from dino_scale.metrics import TrainingMetrics
+
+log = get_logger(__name__)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: a job controller must not see "succeeded"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss."""
+
+
+@dataclass
+class Components:
+    """What the trainer trains; defaults are built from the config. Tests pass their own."""
+
+    model: nn.Module | None = None
+    criterion: Callable[[Any, list[dict]], dict[str, torch.Tensor]] | None = None
+    # (epoch) -> loader over this rank's share; must offer state_dict/load_state_dict/set_epoch
+    train_loader: Callable[[int], Iterable[Any]] | None = None
+    # () -> eval loader over this rank's share, or None when there is no eval set
+    eval_loader: Callable[[], Iterable[Any] | None] | None = None
+    postprocess: nn.Module | None = None
+    # categories of the training data, recorded in exports (fine-tuning matches by name)
+    categories: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    preempted: bool
+    skipped_steps: int
+    images: int
+    seconds: float
+    last_eval: dict[str, float] | None
+    best_ap: float | None
+    export_path: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, components: Components | None = None) -> None:
+        self.cfg = cfg
+        self.components = components or Components()
+        self.output_dir = Path(cfg.paths.output_dir)
+        self.checkpoint_root = Path(cfg.paths.checkpoint_dir or self.output_dir / "checkpoints")
+        self._stop_requested = False
+        # progress, saved in client_state
+        self.step = 0
+        self.epoch = 0
+        self.skipped_total = 0
+        self.consecutive_skipped = 0
+        self.best_ap: float | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.images_seen = 0
+        self.train_seconds = 0.0
+        self._loader: Any = None
+        self._loader_epoch = -1
+
+    # ---------------------------------------------------------------- set-up
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        dist_utils.init_distributed()
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.device = dist_utils.device()
+        dist_utils.seed_everything(cfg.train.seed)
+        comp = self.components
+        if comp.model is None:
+            from dino_scale.models import build_dino
+
+            comp.model = build_dino(cfg.model)
+        if comp.criterion is None:
+            from dino_scale.models import build_criterion
+
+            comp.criterion = build_criterion(cfg.model)
+        if comp.postprocess is None:
+            from dino_scale.models import PostProcess
+
+            comp.postprocess = PostProcess(cfg.model.num_select)
+        if comp.train_loader is None:
+            comp.train_loader = self._default_train_loader
+        if comp.eval_loader is None:
+            comp.eval_loader = self._default_eval_loader
+        if comp.categories is None:
+            from dino_scale.finetune import dataset_categories
+
+            comp.categories = dataset_categories(cfg.data)
+        model = comp.model.to(self.device)
+        if cfg.train.pretrained and latest_complete(self.checkpoint_root) is None:
+            from dino_scale.finetune import load_pretrained
+
+            self.transfer_report = load_pretrained(
+                model, cfg.train.pretrained, target_categories=comp.categories,
+                pretrained_categories=cfg.train.pretrained_categories,
+                allow_unsafe_pickle=cfg.train.allow_unsafe_pickle,
+            )
+        if hasattr(comp.criterion, "to"):
+            comp.criterion.to(self.device)
+        self.param_groups = build_param_groups(model, cfg.optim)
+        self.optimizer = build_optimizer(self.param_groups, cfg.optim)
+        import deepspeed
+
+        self.ds_config = build_deepspeed_config(cfg, self.world)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=self.ds_config
+        )
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            cfg.deepspeed.precision
+        ]
+        if self.dtype != torch.float32:
+            # DeepSpeed casts parameters, not buffers (frozen BatchNorm statistics)
+            for buf in self.engine.module.buffers():
+                if buf.is_floating_point():
+                    buf.data = buf.data.to(self.dtype)
+        self.checkpoints = CheckpointManager(self.checkpoint_root, cfg.train.keep_last_checkpoints)
+        self.metrics = TrainingMetrics(cfg.metrics, self.rank, dist_utils.local_rank())
+        self.metrics.serve(self.output_dir / "metrics")
+        self.micro_batch = cfg.deepspeed.micro_batch_per_gpu
+        self.accum = cfg.deepspeed.gradient_accumulation_steps
+        self.log_file = self.output_dir / "train_log.jsonl"
+
+    def _default_train_loader(self, epoch: int) -> Iterable[Any]:
+        from dino_scale.data import build_train_loader
+
+        return build_train_loader(
+            self.cfg.data, batch_size=self.micro_batch, rank=self.rank, world_size=self.world,
+            seed=self.cfg.train.seed, epoch=epoch,
+        )
+
+    def _default_eval_loader(self) -> Iterable[Any] | None:
+        if not (self.cfg.data.val_images and self.cfg.data.val_annotations):
+            return None
+        from dino_scale.data import build_eval_loader
+
+        return build_eval_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.rank,
+                                 world_size=self.world)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "epoch": self.epoch, "skipped_total": self.skipped_total,
+            "consecutive_skipped": self.consecutive_skipped, "best_ap": self.best_ap,
+            "images_seen": self.images_seen, "train_seconds": self.train_seconds,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> Path:
+        started = time.perf_counter()
+        loader = self._loader
+        rank_state = {"rng": capture_rng_state(),
+                      "loader": loader.state_dict() if loader is not None else None,
+                      "loader_epoch": self._loader_epoch}
+        directory = self.checkpoints.save(self.engine, self.step, self._client_state(), rank_state)
+        seconds = time.perf_counter() - started
+        self.metrics.checkpoint_seconds.observe(seconds)
+        log.info("checkpoint %s saved in %.1f s", directory, seconds)
+        return directory
+
+    def _checkpoint_now(self) -> Path:
+        """A complete checkpoint of the current step (saved unless it exists already)."""
+        found = latest_complete(self.checkpoint_root)
+        if found is not None and found[0] == self.step:
+            return found[1]
+        return self.save_checkpoint()
+
+    def _resume(self) -> dict[str, Any] | None:
+        if not self.cfg.train.auto_resume:
+            return None
+        found = latest_complete(self.checkpoint_root)
+        if found is None:
+            return None
+        _, directory = found
+        client, rank_state = self.checkpoints.load(self.engine, directory)
+        for key in ("step", "epoch", "skipped_total", "consecutive_skipped", "best_ap",
+                    "images_seen", "train_seconds"):
+            if key in client:
+                setattr(self, key, client[key])
+        if rank_state is not None:
+            restore_rng_state(rank_state["rng"])
+        log.info("resumed from %s: step %d, epoch %d", directory, self.step, self.epoch)
+        return rank_state
+
+    # ---------------------------------------------------------------- loop
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._stop_requested = True
+
+    def _done(self) -> bool:
+        max_steps = self.cfg.optim.max_steps
+        if max_steps is not None:
+            return self.step >= max_steps
+        return self.epoch >= self.cfg.optim.epochs
+
+    def run(self) -> TrainResult:
+        self._build()
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._run()
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            self.metrics.shutdown()
+
+    def _run(self) -> TrainResult:
+        rank_state = self._resume()
+        preempted = False
+        while not self._done():
+            loader = self.components.train_loader(self.epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.epoch)
+            if rank_state is not None and rank_state.get("loader") is not None \
+                    and rank_state.get("loader_epoch") == self.epoch:
+                loader.load_state_dict(rank_state["loader"])
+            self._loader, self._loader_epoch = loader, self.epoch
+            rank_state = None
+            self.metrics.epoch.set(self.epoch)
+            outcome = self._train_epoch(loader)
+            if outcome == "preempted":
+                preempted = True
+                break
+            if outcome == "epoch_end":
+                if hasattr(loader, "stats"):
+                    log.info("epoch %d data: %s", self.epoch, loader.stats())
+                self.epoch += 1
+                every = self.cfg.train.eval_every_epochs
+                if every and self.epoch % every == 0 and not self._done():
+                    self._evaluate_and_track()
+        if preempted:
+            self.save_checkpoint()
+            return self._result(preempted=True, export_path=None)
+        self._checkpoint_now()
+        if self.cfg.train.eval_at_end:
+            self._evaluate_and_track()
+        export_path = self.export() if self.cfg.train.export_at_end else None
+        return self._result(preempted=False, export_path=export_path)
+
+    def _train_epoch(self, loader: Any) -> str:
+        """Returns "epoch_end", "done" (step budget reached) or "preempted"."""
+        cfg = self.cfg
+        iterator = iter(loader)
+        engine = self.engine
+        while True:
+            if self._done():
+                return "done"
+            tick = time.perf_counter()
+            batch = None
+            if not self._stop_requested:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    batch = None
+                except Exception:
+                    if not self._stop_requested:  # loader workers die with us on SIGTERM
+                        raise
+            data_wait = time.perf_counter() - tick
+            exhausted, stop = dist_utils.all_reduce_sum(
+                [float(batch is None and not self._stop_requested), float(self._stop_requested)],
+                self.device,
+            )
+            if stop > 0:
+                log.warning("stop requested (SIGTERM): checkpointing at step %d", self.step)
+                return "preempted"
+            if exhausted > 0:
+                return "epoch_end"
+
+            images, masks, targets = batch_to(batch, self.device, self.dtype)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                apply_lr(self.optimizer, lr_factor(cfg.optim, self.step, self.epoch))
+            outputs = engine(images, masks, targets)
+            losses = self.components.criterion(outputs_to_float(outputs), targets)
+            loss = losses["loss"]
+            (nonfinite,) = dist_utils.all_reduce_sum([float(not torch.isfinite(loss).item())], self.device)
+            if nonfinite > 0:
+                self._skip(f"non-finite loss on {int(nonfinite)} rank(s)")
+                continue
+            engine.backward(loss)
+            engine.step()
+            step_seconds = time.perf_counter() - tick
+            self.images_seen += images.shape[0]
+            self.train_seconds += step_seconds
+            if not boundary:
+                continue
+            if hasattr(engine, "was_step_applied") and not engine.was_step_applied():
+                self._skip("DeepSpeed refused the step (non-finite gradients)")
+                continue
+            self.consecutive_skipped = 0
+            self.step += 1
+            self.metrics.steps.inc()
+            self._log_step(losses, step_seconds, data_wait, images.shape[0])
+            if self.step % cfg.train.checkpoint_every_steps == 0:
+                self.save_checkpoint()
+            if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0:
+                self._evaluate_and_track()
+
+    def _skip(self, why: str) -> None:
+        self.skipped_total += 1
+        self.consecutive_skipped += 1
+        self.metrics.skipped_steps.inc()
+        log.warning("step %d skipped: %s (%d in a row, %d in total)", self.step, why,
+                    self.consecutive_skipped, self.skipped_total)
+        self.engine.zero_grad()
+        limit = self.cfg.optim.max_consecutive_skipped_steps
+        if self.consecutive_skipped >= limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skipped} consecutive steps skipped ({why}) at step {self.step}, "
+                f"epoch {self.epoch}: training diverged (lower optim.lr, check the data, or resume "
+                f"from an earlier checkpoint); limit optim.max_consecutive_skipped_steps={limit}"
+            )
+
+    def _log_step(self, losses: dict[str, torch.Tensor], step_seconds: float, data_wait: float,
+                  images: int) -> None:
+        terms = {k: float(v.detach()) for k, v in losses.items()}
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        self.metrics.observe_step(losses=terms, lrs=lrs, grad_norm=grad_norm, images=images,
+                                  step_seconds=step_seconds, data_wait_seconds=data_wait)
+        if self.rank != 0:
+            return
+        record = {"step": self.step, "epoch": self.epoch, "loss": terms["loss"],
+                  "terms": terms, "lr": lrs, "grad_norm": grad_norm,
+                  "step_seconds": step_seconds, "data_wait_seconds": data_wait,
+                  "images_per_second": images * self.world / step_seconds if step_seconds else None}
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.step % self.cfg.metrics.log_every_steps == 0 or self.step == 1:
+            main = {k: round(v, 4) for k, v in terms.items() if k in ("loss", "loss_ce", "loss_bbox", "loss_giou")}
+            log.info("epoch %d step %d %s lr %.2e grad_norm %s %.2f s/step (data %.2f s)",
+                     self.epoch, self.step, main, max(lrs.values()),
+                     f"{grad_norm:.3f}" if grad_norm is not None else "-", step_seconds, data_wait)
+
+    # ---------------------------------------------------------------- eval / export
+
+    def _evaluate_and_track(self) -> dict[str, float] | None:
+        eval_loader = self.components.eval_loader()
+        if eval_loader is None:
+            return None
+        from dino_scale.engine.evaluator import evaluate
+
+        eval_dir = self.output_dir / "eval"
+        stats = evaluate(
+            self.engine.module, eval_loader, self.cfg.data.val_annotations,
+            postprocess=self.components.postprocess, device=self.device, dtype=self.dtype,
+            output_json=eval_dir / f"step_{self.step}.json" if self.rank == 0 else None,
+        )
+        self.last_eval = stats
+        self.metrics.observe_eval({k: stats[k] for k in ("AP", "AP50", "AP75")})
+        if self.best_ap is None or stats["AP"] > self.best_ap:
+            self.best_ap = stats["AP"]
+            directory = self._checkpoint_now()
+            if self.rank == 0:
+                self._export_tag(directory.name, self.output_dir / "export" / "best.safetensors")
+                atomic_write_text(self.output_dir / "best.json", json.dumps(
+                    {"step": self.step, "epoch": self.epoch, "checkpoint": str(directory), **stats},
+                    indent=2))
+            dist_utils.barrier()
+        return stats
+
+    def _export_tag(self, tag: str, out: Path) -> Path:
+        from dino_scale.engine.export import export_checkpoint
+
+        return export_checkpoint(
+            self.checkpoint_root, tag, self.cfg.deepspeed.zero_stage, out,
+            metadata={"categories": self.components.categories, "step": self.step,
+                      "config": config_to_dict(self.cfg)},
+        )
+
+    def export(self) -> str:
+        """Consolidated fp32 safetensors of the latest checkpoint (rank 0 writes it)."""
+        out = self.output_dir / "export" / "model.safetensors"
+        if self.rank == 0:
+            self._export_tag(tag_for_step(self.step), out)
+        dist_utils.barrier()
+        return str(out)
+
+    def _result(self, *, preempted: bool, export_path: str | None) -> TrainResult:
+        result = TrainResult(
+            step=self.step, epoch=self.epoch, preempted=preempted, skipped_steps=self.skipped_total,
+            images=self.images_seen, seconds=self.train_seconds, last_eval=self.last_eval,
+            best_ap=self.best_ap, export_path=export_path,
+        )
+        if self.rank == 0:
+            summary = dict(result.__dict__)
+            images_all = self.images_seen * self.world
+            summary["images_per_second"] = images_all / self.train_seconds if self.train_seconds else None
+            atomic_write_text(self.output_dir / "train_summary.json", json.dumps(summary, indent=2))
+        return result
+
+
+def train(cfg: Config, components: Components | None = None) -> TrainResult:
+    """Train per `cfg` (called on every rank)."""
+    return Trainer(cfg, components).run()

@@ -1,0 +1,175 @@
+"""Transfer pretrained DINO weights to a model with a different label set.
+
+Class-dependent tensors are those whose rows are indexed by class (category id): the
+decoder class heads (`class_embed.*`, shared with `transformer.decoder.class_embed.*`),
+the encoder-proposal class head (`transformer.enc_out_class_embed`) and the denoising label
+embedding (`label_enc`, `num_classes + 1` rows). They start from the new model's own
+initialisation; the rows of categories that the pretraining and target datasets share BY
+NAME are copied from the pretrained rows (Objects365 contains most COCO classes, under
+names that differ only in case/spacing for some). Every other tensor transfers unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from dino_scale.log import get_logger
+
+log = get_logger(__name__)
+
+CLASS_PARAM_PATTERNS = ("class_embed", "label_enc")
+
+
+def normalise_name(name: str) -> str:
+    """'Traffic Light' / 'traffic_light' / 'traffic-light' -> 'traffic light'."""
+    return re.sub(r"[\s_\-/]+", " ", name.strip().lower())
+
+
+def read_categories(path: str | Path) -> list[dict[str, Any]]:
+    """`[{"id", "name"}]` from a COCO annotation JSON or a shard `manifest.json`."""
+    import fsspec
+
+    with fsspec.open(str(path), "rt") as f:
+        data = json.load(f)
+    cats = data.get("categories") if isinstance(data, dict) else None
+    if not isinstance(cats, list) or not all("id" in c and "name" in c for c in cats):
+        raise ValueError(f"{path}: no 'categories' list of {{id, name}} found")
+    return [{"id": int(c["id"]), "name": str(c["name"])} for c in cats]
+
+
+def dataset_categories(data_cfg: Any) -> list[dict[str, Any]] | None:
+    """Categories of the training data named by a `DataConfig` (manifest or COCO JSON)."""
+    candidates = []
+    if data_cfg.train_shards:
+        shards = str(data_cfg.train_shards)
+        candidates.append(shards if shards.endswith(".json") else shards.rstrip("/") + "/manifest.json")
+    for ann in (data_cfg.train_coco_annotations, data_cfg.val_annotations):
+        if ann:
+            candidates.append(ann)
+    for candidate in candidates:
+        try:
+            return read_categories(candidate)
+        except (OSError, ValueError, KeyError) as exc:
+            log.debug("no categories in %s: %s", candidate, exc)
+    return None
+
+
+def is_class_param(name: str) -> bool:
+    return any(p in name for p in CLASS_PARAM_PATTERNS)
+
+
+def class_row_mapping(source: list[dict[str, Any]] | None, target: list[dict[str, Any]] | None,
+                      source_rows: int, target_rows: int) -> dict[int, int]:
+    """{target row: source row} for categories shared by name."""
+    if source is None or target is None:
+        if source_rows == target_rows:
+            log.warning("category names unknown: same number of classes (%d), class rows kept "
+                        "as they are", target_rows)
+            return {i: i for i in range(target_rows)}
+        log.warning("category names unknown (set train.pretrained_categories): all class rows "
+                    "start from scratch")
+        return {}
+    by_name = {normalise_name(c["name"]): c["id"] for c in source}
+    mapping = {}
+    for cat in target:
+        src = by_name.get(normalise_name(cat["name"]))
+        if src is not None and src < source_rows and cat["id"] < target_rows:
+            mapping[cat["id"]] = src
+    return mapping
+
+
+def transfer_state_dict(pretrained: Mapping[str, torch.Tensor], model: nn.Module,
+                        source_categories: list[dict[str, Any]] | None,
+                        target_categories: list[dict[str, Any]] | None,
+                        source_num_classes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict to load into `model`, and a report of what was copied.
+
+    `source_num_classes`: rows of the pretrained class heads (inferred when None).
+    """
+    target_state = model.state_dict()
+    target_num_classes = _num_classes_of(target_state)
+    if source_num_classes is None:
+        source_num_classes = _num_classes_of(pretrained)
+    missing = sorted(set(target_state) - set(pretrained))
+    unexpected = sorted(set(pretrained) - set(target_state))
+    if missing or unexpected:
+        raise KeyError(
+            f"pretrained weights do not match the model: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    mapping = class_row_mapping(source_categories, target_categories, source_num_classes, target_num_classes)
+    out: dict[str, torch.Tensor] = {}
+    for name, target in target_state.items():
+        source = pretrained[name]
+        if is_class_param(name):
+            out[name] = _transfer_rows(name, source, target, mapping, source_num_classes, target_num_classes)
+            continue
+        if source.shape != target.shape:
+            raise ValueError(f"pretrained {name} has shape {tuple(source.shape)}, the model "
+                             f"{tuple(target.shape)}: check the model config")
+        out[name] = source.to(target.dtype)
+    shared = sorted(normalise_name(c["name"]) for c in (target_categories or [])
+                    if c["id"] in mapping) if source_categories else []
+    report = {"copied_class_rows": len(mapping), "target_classes": target_num_classes,
+              "source_classes": source_num_classes, "shared_names": shared}
+    log.info("fine-tune transfer: %d of %d class rows copied from %d pretrained classes",
+             len(mapping), target_num_classes, source_num_classes)
+    return out, report
+
+
+def _num_classes_of(state: Mapping[str, torch.Tensor]) -> int:
+    for name, tensor in state.items():
+        if "class_embed" in name and name.endswith("bias"):
+            return int(tensor.shape[0])
+    raise KeyError("no class head (…class_embed….bias) in the state dict")
+
+
+def _transfer_rows(name: str, source: torch.Tensor, target: torch.Tensor, mapping: dict[int, int],
+                   source_classes: int, target_classes: int) -> torch.Tensor:
+    if source.shape[1:] != target.shape[1:]:
+        raise ValueError(f"pretrained {name} has shape {tuple(source.shape)}, the model "
+                         f"{tuple(target.shape)}: only the class dimension may differ")
+    out = target.clone()
+    for dst, src in mapping.items():
+        out[dst] = source[src].to(out.dtype)
+    # rows past the classes (label_enc's extra entry) correspond positionally
+    extra = min(source.shape[0] - source_classes, target.shape[0] - target_classes)
+    for k in range(max(extra, 0)):
+        out[target_classes + k] = source[source_classes + k].to(out.dtype)
+    return out
+
+
+def read_pretrained(path: str | Path, allow_unsafe_pickle: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]] | None]:
+    """(state dict in our naming, categories if the file records them) from our
+    safetensors export, a `.pt` state dict, or an official IDEA-Research DINO `.pth`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from dino_scale.engine.export import load_weights
+
+        state, meta = load_weights(path)
+        return state, meta.get("categories")
+    from dino_scale import checkpoint_convert
+
+    state = checkpoint_convert.load_state_dict(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    return state, None
+
+
+def load_pretrained(model: nn.Module, path: str | Path, *, target_categories: list[dict[str, Any]] | None,
+                    pretrained_categories: str | None = None, allow_unsafe_pickle: bool = False,
+                    ) -> dict[str, Any]:
+    """Load `path` into `model` with class-row transfer; returns the transfer report."""
+    state, source_categories = read_pretrained(path, allow_unsafe_pickle)
+    if pretrained_categories:
+        source_categories = read_categories(pretrained_categories)
+    new_state, report = transfer_state_dict(state, model, source_categories, target_categories)
+    model.load_state_dict(new_state, strict=True)
+    return report
