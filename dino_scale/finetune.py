@@ -149,18 +149,17 @@ def read_pretrained(path: str | Path, allow_unsafe_pickle: bool = False
                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]] | None]:
     """(state dict in our naming, categories if the file records them) from our
     safetensors export, a `.pt` state dict, or an official IDEA-Research DINO `.pth`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from dino_scale.engine.export import load_weights
-
-        state, meta = load_weights(path)
-        return state, meta.get("categories")
     from dino_scale import checkpoint_convert
 
-    state = checkpoint_convert.load_state_dict(path, allow_unsafe_pickle=allow_unsafe_pickle)
-    return state, None
+    path = Path(path)
+    state = checkpoint_convert.read_weights(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not checkpoint_convert._looks_like_safetensors(head):
+        return state, None
+    from dino_scale.engine.export import read_metadata
+
+    return state, read_metadata(path).get("categories")
 
 
 def load_pretrained(model: nn.Module, path: str | Path, *, target_categories: list[dict[str, Any]] | None,

@@ -69,12 +69,10 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path,
     atomic_write_bytes(path, blob)
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Inverse of `save_weights`: the full state dict (aliases restored) and the metadata."""
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON-decoded metadata of a safetensors file written by `save_weights`."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    state = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     meta: dict[str, Any] = {}
@@ -83,6 +81,15 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             meta[key] = json.loads(value)
         except (json.JSONDecodeError, TypeError):
             meta[key] = value
+    return meta
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of `save_weights`: the full state dict (aliases restored) and the metadata."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    meta = read_metadata(path)
     for alias, name in (meta.get("aliases") or {}).items():
         state[alias] = state[name]
     return state, meta

@@ -1,0 +1,177 @@
+"""Command-line front ends behind `launch/*.py`: argument parsers and the code they run.
+
+Training scripts take `--config FILE` and `key.sub=value` overrides; the DeepSpeed launcher
+adds `--local_rank=N`, which is accepted (the rank comes from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dino_scale.config import Config, dump_config, load_config
+from dino_scale.log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+def _common(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    parser.add_argument("--config", required=config_required, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. optim.lr=2e-4 deepspeed.zero_stage=3")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the DeepSpeed launcher; the rank is read from the environment")
+
+
+def training_parser(prog: str, description: str, finetune: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    _common(parser)
+    parser.add_argument(
+        "--pretrained", required=finetune, default=None,
+        help="weights to start from: a dino-scale export (.safetensors) or an official "
+             "IDEA-Research DINO checkpoint (.pth); sets train.pretrained",
+    )
+    parser.add_argument("--pretrained-categories", default=None,
+                        help="COCO JSON or shard manifest with the categories the pretrained "
+                             "weights were trained on (official checkpoints do not record them)")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="allow arbitrary pickled objects in --pretrained (trusted files only)")
+    return parser
+
+
+def _training_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.pretrained:
+        cfg.train.pretrained = args.pretrained
+    if args.pretrained_categories:
+        cfg.train.pretrained_categories = args.pretrained_categories
+    if args.allow_unsafe_pickle:
+        cfg.train.allow_unsafe_pickle = True
+    return cfg
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """Train on every rank; exit status 143 when stopped by SIGTERM (checkpoint written)."""
+    from dino_scale.engine import distributed as dist_utils
+    from dino_scale.engine.trainer import PREEMPTED_EXIT_CODE, train
+
+    cfg = _training_config(args)
+    output_dir = Path(cfg.paths.output_dir)
+    setup_logging(cfg.paths.log_dir or output_dir / "logs")
+    dist_utils.init_distributed()
+    if dist_utils.rank() == 0:
+        dump_config(cfg, output_dir / "config.yaml")
+    try:
+        result = train(cfg)
+    finally:
+        dist_utils.shutdown()
+    if result.preempted:
+        log.warning("stopped by SIGTERM at step %d; rerun the same command to resume", result.step)
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch/evaluate.py",
+        description="COCO bbox evaluation of a checkpoint (any number of ranks)",
+    )
+    _common(parser)
+    parser.add_argument("--checkpoint", required=True,
+                        help="dino-scale export (.safetensors) or official DINO .pth")
+    parser.add_argument("--output", default=None,
+                        help="JSON file for the stats (default <output_dir>/eval/evaluate.json)")
+    parser.add_argument("--detections", default=None, help="also write the COCO detections JSON")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per rank (default deepspeed.micro_batch_per_gpu)")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true")
+    return parser
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
+    from dino_scale.checkpoint_convert import load_state_into, read_weights
+    from dino_scale.data import build_eval_loader
+    from dino_scale.engine import distributed as dist_utils
+    from dino_scale.engine.evaluator import evaluate
+    from dino_scale.models import PostProcess, build_dino
+
+    cfg = load_config(args.config, list(args.overrides))
+    if not (cfg.data.val_images and cfg.data.val_annotations):
+        raise SystemExit("error: data.val_images and data.val_annotations must be set")
+    setup_logging()
+    dist_utils.init_distributed()
+    try:
+        cfg.model.backbone.pretrained_path = None
+        model = build_dino(cfg.model)
+        load_state_into(model, read_weights(args.checkpoint, args.allow_unsafe_pickle))
+        device = dist_utils.device()
+        model.to(device)
+        loader = build_eval_loader(
+            cfg.data, batch_size=args.batch_size or cfg.deepspeed.micro_batch_per_gpu,
+            rank=dist_utils.rank(), world_size=dist_utils.world_size(),
+        )
+        output = Path(args.output or Path(cfg.paths.output_dir) / "eval" / "evaluate.json")
+        stats = evaluate(model, loader, cfg.data.val_annotations,
+                         postprocess=PostProcess(cfg.model.num_select), device=device,
+                         output_json=output if dist_utils.rank() == 0 else None,
+                         detections_json=args.detections if dist_utils.rank() == 0 else None)
+    finally:
+        dist_utils.shutdown()
+    if dist_utils.rank() == 0:
+        print(json.dumps(stats, indent=2))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------
+# inference on one image
+# ---------------------------------------------------------------------------------------
+
+
+def infer_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/infer.py",
+                                     description="Draw a checkpoint's detections on an image")
+    parser.add_argument("image", help="input image (JPEG/PNG)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="dino-scale export (.safetensors) or official DINO .pth")
+    parser.add_argument("--config", required=True, help="YAML config of the model")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="score threshold (default train.draw_score_threshold)")
+    parser.add_argument("--categories", default=None,
+                        help="COCO JSON / manifest for class names (default: the export's metadata)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true")
+    return parser
+
+
+def run_infer(args: argparse.Namespace) -> list[dict]:
+    from dino_scale.checkpoint_convert import load_model
+    from dino_scale.inference import detect, draw_detections, names_for
+
+    cfg = load_config(args.config, list(args.overrides))
+    model = load_model(args.config, args.checkpoint, list(args.overrides),
+                       allow_unsafe_pickle=args.allow_unsafe_pickle)
+    threshold = cfg.train.draw_score_threshold if args.threshold is None else args.threshold
+    detections = detect(model, args.image, cfg)
+    names = names_for(args.checkpoint, args.categories)
+    kept = draw_detections(args.image, detections, args.out, threshold=threshold, names=names)
+    print(f"{len(kept)} detections above {threshold} drawn to {args.out}")
+    return kept
+
+
+def exit_with(code: int) -> None:
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    return parser.parse_args(list(argv) if argv is not None else None)

@@ -1,0 +1,22 @@
+"""Draw a checkpoint's detections on an image:
+`python launch/infer.py IMAGE --config C --checkpoint W --out OUT.png`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dino_scale.engine import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return cli.infer_parser()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli.run_infer(cli.parse(build_parser(), argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
