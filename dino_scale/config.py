@@ -117,7 +117,13 @@ class DataConfig:
     eval_size: int = 800
     eval_max_size: int = 1333
     # stop with an error when more than this fraction of samples read is corrupt
+    # (checked once at least `min_samples_for_bad_fraction` samples were read)
     max_bad_fraction: float = 0.01
+    min_samples_for_bad_fraction: int = 100
+    # DataLoader workers: "spawn" is safe next to threads (Ray, DeepSpeed, s3fs); "fork" starts faster
+    multiprocessing_context: Literal["spawn", "fork", "forkserver"] = "spawn"
+    prefetch_factor: int = 2
+    pin_memory: bool = False
     # storage options for s3:// paths (endpoint etc.); credentials come from the
     # environment / AWS config, never from the config file.
     storage_options: dict[str, Any] = field(default_factory=dict)

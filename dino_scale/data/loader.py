@@ -1,0 +1,184 @@
+"""The trainer's view of the data: `build_train_loader` and `build_eval_loader`.
+
+`TrainLoader` iterates `Batch`es from the shards named by `DataConfig.train_shards`
+(directory / s3:// prefix holding `manifest.json`, or the manifest's path). Its position
+(`state_dict()`) is (epoch, batches delivered, and each worker's place in its sample
+order); after `load_state_dict` a new loader delivers exactly the batches the old one
+would have delivered next: same samples, same order, same augmentation (each sample's
+RNG is seeded from (seed, epoch, sample key), so worker scheduling cannot change it).
+
+How the order survives a restart: every batch comes from one worker (DataLoader
+`batch_size=None`), workers deliver in round-robin, and each batch carries its worker's
+position. On resume each worker replays its shuffle order up to that position (index
+arithmetic, no reading) and the workers are rotated so that the first one to deliver is
+the one that was next.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipeline.manifest import read_manifest, shard_root
+from dino_scale.data.collate import Batch
+from dino_scale.data.shards import BadDataError, ShardStream, WorkerProgress, check_bad_fraction, rank_samples
+from dino_scale.data.transforms import build_train_transform
+from dino_scale.log import get_logger
+
+log = get_logger("dino_scale.data.loader")
+
+STATE_VERSION = 1
+
+
+class TrainLoader:
+    """Iterable of `Batch` for one rank; resumable. See the module docstring.
+
+    - `for batch in loader` runs (the rest of) the current epoch; iterating again after an
+      epoch finished moves to the next epoch by itself.
+    - `set_epoch(e)`: start epoch e from its beginning; a no-op when e is the current epoch
+      (so a resumed run may call it without losing its restored position).
+    - `len(loader)`: batches this rank delivers per epoch when no sample is bad. In finite
+      mode ranks can differ by one batch (`min_len_across_ranks` gives the smallest).
+    - `stats()`: {"samples_read", "samples_skipped", "reasons": {reason: n}, "bad_fraction"}
+      for the current epoch up to the last delivered batch.
+    """
+
+    def __init__(self, cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not cfg.train_shards:
+            raise ValueError("data.train_shards is not set")
+        self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
+        self.num_workers = max(1, cfg.num_workers)
+        manifest = read_manifest(cfg.train_shards, cfg.storage_options)
+        self.root = shard_root(cfg.train_shards)
+        self.shards = [(s["name"], int(s["samples"])) for s in manifest["shards"]]
+        self.total_samples = sum(n for _, n in self.shards)
+        self.categories = manifest.get("categories", [])
+        if cfg.mode == "resampled" and not cfg.samples_per_epoch:
+            raise ValueError("data.mode=resampled needs data.samples_per_epoch")
+        self.transform = build_train_transform(cfg)
+        self._start_epoch(epoch)
+
+    # -- position ------------------------------------------------------------------------
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batches = 0
+        self.finished = False
+        self.last_worker = -1
+        self.workers = [WorkerProgress(w) for w in range(self.num_workers)]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints/strings/lists (JSON-safe) for a checkpoint's client state."""
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "finished": self.finished,
+            "last_worker": self.last_worker, "workers": [w.as_dict() for w in self.workers],
+            "check": self._check(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["check"] != self._check():
+            diff = {k: (v, self._check()[k]) for k, v in state["check"].items() if self._check().get(k) != v}
+            raise ValueError(f"loader state was saved with different settings (saved, now): {diff}")
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.finished, self.last_worker = bool(state["finished"]), int(state["last_worker"])
+        self.workers = [WorkerProgress.from_dict(w) for w in state["workers"]]
+
+    def _check(self) -> dict[str, Any]:
+        """Settings that define the sample order; a state only restores under the same ones."""
+        return {
+            "mode": self.cfg.mode, "seed": self.seed, "batch_size": self.batch_size, "rank": self.rank,
+            "world_size": self.world_size, "num_workers": self.num_workers, "shuffle_buffer": self.cfg.shuffle_buffer,
+            "samples_per_epoch": self.cfg.samples_per_epoch, "total_samples": self.total_samples,
+            "num_shards": len(self.shards),
+        }
+
+    # -- sizes and stats -----------------------------------------------------------------
+    def _len_for_rank(self, rank: int) -> int:
+        n = rank_samples(self.cfg.mode, self.total_samples, self.cfg.samples_per_epoch, rank, self.world_size)
+        return math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        return self._len_for_rank(self.rank)
+
+    @property
+    def min_len_across_ranks(self) -> int:
+        return min(self._len_for_rank(r) for r in range(self.world_size))
+
+    def stats(self) -> dict[str, Any]:
+        reasons: dict[str, int] = {}
+        for w in self.workers:
+            for reason, n in w.skipped.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        read = sum(w.position for w in self.workers)
+        skipped = sum(reasons.values())
+        return {"samples_read": read, "samples_skipped": skipped, "reasons": reasons,
+                "bad_fraction": skipped / read if read else 0.0, "epoch": self.epoch, "batches": self.batches}
+
+    # -- iteration -----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        if self.finished:
+            self._start_epoch(self.epoch + 1)
+        dataset = ShardStream(
+            root=self.root, shards=self.shards, storage_options=self.cfg.storage_options, mode=self.cfg.mode,
+            seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+            num_workers=self.num_workers, batch_size=self.batch_size,
+            samples_per_rank=rank_samples(self.cfg.mode, self.total_samples, self.cfg.samples_per_epoch,
+                                          self.rank, self.world_size),
+            shuffle_buffer=self.cfg.shuffle_buffer, transform=self.transform,
+            resume=[WorkerProgress.from_dict(w.as_dict()) for w in self.workers],
+            worker_offset=(self.last_worker + 1) % self.num_workers,
+            max_bad_fraction=self.cfg.max_bad_fraction,
+            min_samples_for_bad_fraction=self.cfg.min_samples_for_bad_fraction,
+        )
+        for batch, progress in _data_loader(dataset, self.cfg, batch_size=None, collate_fn=_as_is):
+            self.workers[progress.worker] = progress
+            self.last_worker = progress.worker
+            self.batches += 1
+            stats = self.stats()
+            check_bad_fraction(stats["samples_read"], stats["samples_skipped"], self.cfg.max_bad_fraction,
+                               self.cfg.min_samples_for_bad_fraction, f"rank {self.rank} loader")
+            yield batch
+        self.finished = True
+        stats = self.stats()
+        if stats["samples_skipped"]:
+            log.warning("epoch %d: skipped %d of %d samples read: %s", self.epoch, stats["samples_skipped"],
+                        stats["samples_read"], stats["reasons"])
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _data_loader(dataset: torch.utils.data.Dataset, cfg: Any, **kwargs: Any) -> DataLoader:
+    workers = max(0, cfg.num_workers)
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = {"multiprocessing_context": cfg.multiprocessing_context, "prefetch_factor": cfg.prefetch_factor}
+    return DataLoader(dataset, num_workers=workers, pin_memory=cfg.pin_memory, **extra, **kwargs)
+
+
+def build_train_loader(cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> TrainLoader:
+    """The training loader over `cfg.train_shards` for one rank (see `TrainLoader`).
+
+    `batch_size` is per rank; `cfg.num_workers` loader processes (spawned by default,
+    `cfg.multiprocessing_context`) each read whole shards; `cfg.mode` picks finite epochs
+    (every sample once across all ranks) or resampled ones (`cfg.samples_per_epoch`).
+    Raises `BadDataError` when more than `cfg.max_bad_fraction` of the samples read (after
+    `cfg.min_samples_for_bad_fraction`) were corrupt.
+    """
+    return TrainLoader(cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch)
+
+
+__all__ = ["BadDataError", "TrainLoader", "build_train_loader"]

@@ -1,0 +1,230 @@
+"""Sample order for streaming shards: which samples each (rank, worker) reads, in what
+order, and how to resume at any point of that order without decoding what came before.
+
+The order is computed from the manifest's per-shard sample counts only, so it is known
+before any byte is read:
+
+- finite mode: shards are shuffled with (seed, epoch); their samples, concatenated, form
+  one global sequence; rank r takes the contiguous slice [N*r/R, N*(r+1)/R) and splits it
+  among its workers in whole batches (worker w gets the batches w, w+W, ... by count), so
+  every sample is read exactly once and each worker reads only a few whole shards plus at
+  most two partial ones.
+- resampled mode: each (rank, worker) draws whole shards with replacement from its own
+  RNG, endlessly; the epoch is a fixed number of valid samples.
+
+Within a worker, a shuffle buffer permutes the sample sequence. The permutation is
+computed on sample *indices* (`IndexShuffler`), so resuming after P emitted samples means
+replaying P cheap index steps and then reading only the samples still needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from dino_scale.data.samples import BadSample
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of one shard (in file order); `draw` numbers resampled draws."""
+
+    shard: str
+    start: int
+    stop: int
+    draw: int = -1
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def mix_seed(*parts: object) -> int:
+    """A 64-bit RNG seed from any tuple of ints/strings, stable across processes."""
+    text = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def shuffled_shards(shards: list[tuple[str, int]], seed: int, epoch: int) -> list[tuple[str, int]]:
+    order = sorted(shards)
+    random.Random(mix_seed("shards", seed, epoch)).shuffle(order)
+    return order
+
+
+def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def worker_ranges(n: int, batch_size: int, num_workers: int) -> list[tuple[int, int]]:
+    """Split n samples among workers in whole batches: worker w gets as many batches as
+    there are indices w, w+W, w+2W, ... below ceil(n / batch_size) (the last one may be short)."""
+    num_batches = math.ceil(n / batch_size)
+    ranges, pos = [], 0
+    for worker in range(num_workers):
+        stop = min(n, pos + len(range(worker, num_batches, num_workers)) * batch_size)
+        ranges.append((pos, stop))
+        pos = stop
+    return ranges
+
+
+def slice_segments(shards: list[tuple[str, int]], start: int, stop: int) -> list[Segment]:
+    """The segments covering positions [start, stop) of the shards' concatenation."""
+    segments, base = [], 0
+    for name, count in shards:
+        lo, hi = max(start, base), min(stop, base + count)
+        if lo < hi:
+            segments.append(Segment(name, lo - base, hi - base))
+        base += count
+        if base >= stop:
+            break
+    return segments
+
+
+def finite_segments(
+    shards: list[tuple[str, int]], seed: int, epoch: int, rank: int, world_size: int,
+    worker: int, num_workers: int, batch_size: int,
+) -> list[Segment]:
+    order = shuffled_shards(shards, seed, epoch)
+    total = sum(count for _, count in order)
+    r_start, r_stop = rank_range(total, rank, world_size)
+    w_start, w_stop = worker_ranges(r_stop - r_start, batch_size, num_workers)[worker]
+    return slice_segments(order, r_start + w_start, r_start + w_stop)
+
+
+def resampled_segments(shards: list[tuple[str, int]], seed: int, epoch: int, rank: int, worker: int) -> Iterator[Segment]:
+    """Whole shards drawn uniformly with replacement, forever."""
+    order = sorted(s for s in shards if s[1] > 0)
+    if not order:
+        raise ValueError("no non-empty shards to resample from")
+    rng = random.Random(mix_seed("resample", seed, epoch, rank, worker))
+    draw = 0
+    while True:
+        name, count = order[rng.randrange(len(order))]
+        yield Segment(name, 0, count, draw)
+        draw += 1
+
+
+class IndexShuffler:
+    """Shuffle buffer over input indices 0, 1, 2, ... (`total=None`: endless).
+
+    The buffer is filled to `size`, then a random entry is emitted and its slot refilled by
+    the next input; at the end the rest is emitted in random order. Read-ahead is bounded
+    by `size`, and the emitted order depends only on (total, size, seed).
+    """
+
+    def __init__(self, total: int | None, size: int, seed: int) -> None:
+        self.total, self.size = total, max(1, size)
+        self.rng = random.Random(seed)
+        self.buffer: list[int] = []
+        self.next_input = 0
+        self.emitted = 0
+
+    def __iter__(self) -> "IndexShuffler":
+        return self
+
+    def __next__(self) -> int:
+        while len(self.buffer) < self.size and (self.total is None or self.next_input < self.total):
+            self.buffer.append(self.next_input)
+            self.next_input += 1
+        if not self.buffer:
+            raise StopIteration
+        slot = self.rng.randrange(len(self.buffer))
+        index = self.buffer[slot]
+        self.buffer[slot] = self.buffer[-1]
+        self.buffer.pop()
+        self.emitted += 1
+        return index
+
+    def skip(self, count: int) -> None:
+        for _ in range(count):
+            next(self)
+
+    def pending(self) -> Callable[[int], bool]:
+        """Predicate: is input index i still to be emitted (buffered or not yet read)?"""
+        threshold, buffered = self.next_input, frozenset(self.buffer)
+        return lambda i: i >= threshold or i in buffered
+
+
+def iter_tar(stream: BinaryIO, wanted: Callable[[int], bool], stop: int) -> Iterator[tuple[int, dict]]:
+    """(ordinal, sample) for the samples of a WebDataset tar, in file order, up to `stop`.
+
+    A sample groups consecutive members sharing a key (basename up to the first dot).
+    Only wanted samples have their member data read into memory.
+    """
+    ordinal, key, sample = -1, None, None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            member_key, _, extension = base.partition(".")
+            if member_key != key:
+                if sample is not None:
+                    yield ordinal, sample
+                ordinal += 1
+                if ordinal >= stop:
+                    return
+                key = member_key
+                sample = {"__key__": key} if wanted(ordinal) else None
+            if sample is not None:
+                sample[extension] = tar.extractfile(member).read()
+        if sample is not None:
+            yield ordinal, sample
+
+
+def read_segments(
+    segments: Iterable[Segment], open_shard: Callable[[str], BinaryIO], pending: Callable[[int], bool],
+    open_retries: int = 3,
+) -> Iterator[tuple[int, dict | BadSample]]:
+    """(input index, raw sample or BadSample) for every pending index, in input order.
+
+    Segments with nothing pending are not opened. A shard that cannot be opened, or ends
+    early (truncated tar), yields BadSample for each of its pending samples not read.
+    """
+    base = 0
+    for segment in segments:
+        first, length = base, len(segment)
+        base += length
+        if not any(pending(first + k) for k in range(length)):
+            continue
+        wanted = lambda ordinal: segment.start <= ordinal and pending(first + ordinal - segment.start)  # noqa: E731
+        seen: set[int] = set()
+        failure = "truncated_tar"
+        try:
+            stream = _open_with_retries(open_shard, segment.shard, open_retries)
+        except OSError as exc:
+            stream, failure = None, f"shard_unreadable"
+            detail = str(exc)
+        if stream is not None:
+            try:
+                with stream:
+                    for ordinal, sample in iter_tar(stream, wanted, segment.stop):
+                        seen.add(ordinal)
+                        if segment.draw >= 0:
+                            sample["__draw__"] = segment.draw
+                        yield first + ordinal - segment.start, sample
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                detail = f"{segment.shard}: {exc}"
+            else:
+                detail = f"{segment.shard}: ended before sample {segment.stop}"
+        for ordinal in range(segment.start, segment.stop):
+            index = first + ordinal - segment.start
+            if ordinal not in seen and pending(index):
+                yield index, BadSample(failure, detail)
+
+
+def _open_with_retries(open_shard: Callable[[str], BinaryIO], name: str, retries: int) -> BinaryIO:
+    for attempt in range(retries + 1):
+        try:
+            return open_shard(name)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == retries:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
