@@ -25,3 +25,4 @@ def coco_mini() -> Path:
     if not ann.is_file():
         pytest.skip(f"coco-mini not found at {COCO_MINI} (see shared/data/coco-mini/SOURCE.md)")
     return COCO_MINI
+pytest_plugins = ["s3server"]  # tests/s3server.py: S3 server + fresh bucket fixtures

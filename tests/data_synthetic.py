@@ -1,0 +1,61 @@
+"""Small generated COCO-format datasets for the shard and loader tests (fast to decode)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+CATEGORIES = [{"id": i, "name": f"class{i}"} for i in (1, 2, 3, 5, 8)]
+
+
+def jpeg_bytes(width: int, height: int, boxes: list[list[float]], seed: int) -> bytes:
+    """Dark noisy background with each box painted as a bright filled rectangle."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 40, size=(height, width, 3), dtype=np.uint8)
+    for x, y, w, h in boxes:
+        pixels[int(y) : int(y + h), int(x) : int(x + w)] = 230
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def make_coco(root: Path, num_images: int = 40, seed: int = 0, id_base: int = 1000) -> dict[str, Any]:
+    """Write `root/images/*.jpg` and `root/annotations.json`; returns the JSON dict."""
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    ann_id = 1
+    for i in range(num_images):
+        width, height = rng.randint(48, 96), rng.randint(40, 80)
+        image_id = id_base + 7 * i
+        boxes = []
+        for _ in range(rng.randint(0, 3)):
+            w, h = rng.randint(6, width // 2), rng.randint(6, height // 2)
+            x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+            boxes.append([float(x), float(y), float(w), float(h)])
+            annotations.append({
+                "id": ann_id, "image_id": image_id, "bbox": [float(x), float(y), float(w), float(h)],
+                "category_id": rng.choice(CATEGORIES)["id"], "iscrowd": int(rng.random() < 0.1),
+                "area": float(w * h), "segmentation": [],
+            })
+            ann_id += 1
+        name = f"img_{image_id}.jpg"
+        (root / "images" / name).write_bytes(jpeg_bytes(width, height, boxes, seed * 100003 + i))
+        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+    data = {"info": {"description": "synthetic"}, "images": images, "annotations": annotations,
+            "categories": CATEGORIES}
+    (root / "annotations.json").write_text(json.dumps(data))
+    return data
+
+
+def annotations_by_image(data: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in data["images"]}
+    for ann in data["annotations"]:
+        out[ann["image_id"]].append(ann)
+    return out
