@@ -96,7 +96,8 @@ def transfer_state_dict(pretrained: Mapping[str, torch.Tensor], model: nn.Module
     target_num_classes = _num_classes_of(target_state)
     if source_num_classes is None:
         source_num_classes = _num_classes_of(pretrained)
-    missing = sorted(set(target_state) - set(pretrained))
+    # official files drop BatchNorm's num_batches_tracked counters: the model keeps its own
+    missing = sorted(k for k in set(target_state) - set(pretrained) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(pretrained) - set(target_state))
     if missing or unexpected:
         raise KeyError(
@@ -106,6 +107,9 @@ def transfer_state_dict(pretrained: Mapping[str, torch.Tensor], model: nn.Module
     mapping = class_row_mapping(source_categories, target_categories, source_num_classes, target_num_classes)
     out: dict[str, torch.Tensor] = {}
     for name, target in target_state.items():
+        if name not in pretrained:
+            out[name] = target
+            continue
         source = pretrained[name]
         if is_class_param(name):
             out[name] = _transfer_rows(name, source, target, mapping, source_num_classes, target_num_classes)
