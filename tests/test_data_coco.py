@@ -70,3 +70,39 @@ def test_eval_dataset_reads_from_s3(coco_mini, s3_bucket):
 def test_eval_needs_paths():
     with pytest.raises(ValueError, match="val_images"):
         build_eval_dataset(DataConfig())
+
+
+def coco_train_cfg(root, **overrides) -> DataConfig:
+    base = dict(train_coco_images=str(root / "images"), train_coco_annotations=str(root / "annotations.json"),
+                num_workers=0, train_scales=[48, 56], train_max_size=100, crop_scales=[40, 48], crop_min_size=24,
+                crop_max_size=40, max_bad_fraction=0.5)
+    return DataConfig(**{**base, **overrides})
+
+
+def test_coco_folder_train_loader_splits_resumes_and_counts_bad(tmp_path):
+    from data_synthetic import make_coco
+    from dino_scale.data import CocoTrainLoader, build_train_loader
+
+    data = make_coco(tmp_path, num_images=21, seed=3)
+    (tmp_path / "images" / data["images"][4]["file_name"]).unlink()
+    (tmp_path / "images" / data["images"][5]["file_name"]).write_bytes(b"garbage")
+    seen = []
+    for rank in range(2):
+        loader = build_train_loader(coco_train_cfg(tmp_path), batch_size=4, rank=rank, world_size=2, seed=1)
+        assert isinstance(loader, CocoTrainLoader)
+        seen += [int(t["image_id"]) for b in loader for t in b.targets]
+    assert sorted(seen) == sorted(img["id"] for img in data["images"][:4] + data["images"][6:])
+
+    cfg = coco_train_cfg(tmp_path, num_workers=2, multiprocessing_context="fork")
+    reference = list(build_train_loader(cfg, batch_size=3, rank=0, world_size=1, seed=4, epoch=1))
+    first = build_train_loader(cfg, batch_size=3, rank=0, world_size=1, seed=4, epoch=1)
+    head = [b for _, b in zip(range(2), first)]
+    resumed = build_train_loader(cfg, batch_size=3, rank=0, world_size=1, seed=4)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    rest = list(resumed)
+    assert len(head + rest) == len(reference)
+    for x, y in zip(head + rest, reference):
+        assert torch.equal(x.images, y.images)
+        assert all(torch.equal(s["boxes"], t["boxes"]) for s, t in zip(x.targets, y.targets))
+    assert resumed.stats()["reasons"] == {"missing_image": 1, "undecodable_image": 1}
+    assert resumed.stats()["samples_read"] == 21

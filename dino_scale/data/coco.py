@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.storage import Storage, filesystem, split_url
 from dino_scale.data.collate import Batch, collate
+from dino_scale.data.samples import BadSample, augmentation_seed
 from dino_scale.data.transforms import build_eval_transform
 
 
@@ -79,11 +80,28 @@ class CocoDetection(Dataset):
         return image, target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        from dino_scale.data.samples import augmentation_seed
-
         image, target = self.load(index)
         rng = random.Random(augmentation_seed(self.seed, self.epoch, str(self.ids[index])))
         return self.transform(image, target, rng)
+
+
+class SkippingCocoDetection(Dataset):
+    """Training view of a `CocoDetection`: a missing or undecodable image gives a
+    `BadSample` (counted and skipped by the loader) instead of an exception."""
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except FileNotFoundError as exc:
+            return BadSample("missing_image", str(exc))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            return BadSample("undecodable_image", str(exc))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -17,14 +17,17 @@ the one that was next.
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.manifest import read_manifest, shard_root
-from dino_scale.data.collate import Batch
+from dino_scale.data.collate import Batch, collate
+from dino_scale.data.samples import BadSample
 from dino_scale.data.shards import BadDataError, ShardStream, WorkerProgress, check_bad_fraction, rank_samples
+from dino_scale.data.stream import mix_seed, rank_range
 from dino_scale.data.transforms import build_train_transform
 from dino_scale.log import get_logger
 
@@ -169,8 +172,107 @@ def _data_loader(dataset: torch.utils.data.Dataset, cfg: Any, **kwargs: Any) -> 
     return DataLoader(dataset, num_workers=workers, pin_memory=cfg.pin_memory, **extra, **kwargs)
 
 
-def build_train_loader(cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> TrainLoader:
-    """The training loader over `cfg.train_shards` for one rank (see `TrainLoader`).
+class CocoTrainLoader:
+    """Training over a COCO folder (`cfg.train_coco_images` + `cfg.train_coco_annotations`)
+    for small fine-tunes without shards; the same interface as `TrainLoader`.
+
+    Finite epochs only: the images are permuted with (seed, epoch), rank r takes the
+    contiguous slice [N*r/R, N*(r+1)/R) in batches; the position is the number of batches
+    delivered, so a resumed loader continues with exactly the next batch (augmentation is
+    seeded from (seed, epoch, image id)). Crowd boxes are removed from the targets.
+    """
+
+    def __init__(self, cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> None:
+        from dino_scale.data.coco import CocoDetection, SkippingCocoDetection
+
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise ValueError(f"bad rank/world_size/batch_size: {rank}/{world_size}/{batch_size}")
+        if cfg.mode != "finite":
+            raise ValueError("a COCO-folder train source supports data.mode=finite only; build shards for resampled mode")
+        self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
+        self.coco_dataset = CocoDetection(cfg.train_coco_images, cfg.train_coco_annotations, build_train_transform(cfg),
+                                          cfg.storage_options, drop_crowd=True, seed=seed)
+        self.dataset = SkippingCocoDetection(self.coco_dataset)
+        self._start_epoch(epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches, self.finished = epoch, 0, False
+        self.read, self.reasons = 0, {}
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start_epoch(epoch)
+
+    def _rank_batches(self) -> list[list[int]]:
+        order = list(range(len(self.dataset)))
+        random.Random(mix_seed("coco", self.seed, self.epoch)).shuffle(order)
+        start, stop = rank_range(len(order), self.rank, self.world_size)
+        mine = order[start:stop]
+        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+    def __len__(self) -> int:
+        start, stop = rank_range(len(self.dataset), self.rank, self.world_size)
+        return math.ceil((stop - start) / self.batch_size)
+
+    @property
+    def min_len_across_ranks(self) -> int:
+        n = len(self.dataset)
+        return min(math.ceil((s - r) / self.batch_size) for r, s in (rank_range(n, k, self.world_size) for k in range(self.world_size)))
+
+    def _check(self) -> dict[str, Any]:
+        return {"source": "coco", "seed": self.seed, "batch_size": self.batch_size, "rank": self.rank,
+                "world_size": self.world_size, "num_images": len(self.dataset)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "finished": self.finished,
+                "read": self.read, "reasons": dict(self.reasons), "check": self._check()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION or state.get("check") != self._check():
+            raise ValueError(f"loader state does not match this loader: saved {state.get('check')}, now {self._check()}")
+        self.epoch, self.batches, self.finished = int(state["epoch"]), int(state["batches"]), bool(state["finished"])
+        self.read, self.reasons = int(state["read"]), {str(k): int(v) for k, v in state["reasons"].items()}
+
+    def stats(self) -> dict[str, Any]:
+        skipped = sum(self.reasons.values())
+        return {"samples_read": self.read, "samples_skipped": skipped, "reasons": dict(self.reasons),
+                "bad_fraction": skipped / self.read if self.read else 0.0, "epoch": self.epoch, "batches": self.batches}
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.finished:
+            self._start_epoch(self.epoch + 1)
+        self.coco_dataset.set_epoch(self.epoch)  # before the workers receive their copy
+        remaining = self._rank_batches()[self.batches :]
+        for batch, read, reasons in _data_loader(self.dataset, self.cfg, batch_sampler=remaining, collate_fn=_collate_skipping):
+            self.batches += 1
+            self.read += read
+            for reason, n in reasons.items():
+                self.reasons[reason] = self.reasons.get(reason, 0) + n
+            stats = self.stats()
+            if reasons:
+                log.warning("skipped %d bad samples: %s", sum(reasons.values()), reasons)
+            check_bad_fraction(stats["samples_read"], stats["samples_skipped"], self.cfg.max_bad_fraction,
+                               self.cfg.min_samples_for_bad_fraction, f"rank {self.rank} loader")
+            if batch is not None:
+                yield batch
+        self.finished = True
+
+
+def _collate_skipping(samples: list[Any]) -> tuple[Batch | None, int, dict[str, int]]:
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    reasons: dict[str, int] = {}
+    for s in samples:
+        if isinstance(s, BadSample):
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    return (collate(good) if good else None), len(samples), reasons
+
+
+def build_train_loader(
+    cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0
+) -> TrainLoader | CocoTrainLoader:
+    """The training loader over `cfg.train_shards` for one rank (see `TrainLoader`), or,
+    when only `cfg.train_coco_images`/`train_coco_annotations` are set, over that COCO
+    folder (`CocoTrainLoader`, same interface).
 
     `batch_size` is per rank; `cfg.num_workers` loader processes (spawned by default,
     `cfg.multiprocessing_context`) each read whole shards; `cfg.mode` picks finite epochs
@@ -178,7 +280,12 @@ def build_train_loader(cfg: Any, *, batch_size: int, rank: int, world_size: int,
     Raises `BadDataError` when more than `cfg.max_bad_fraction` of the samples read (after
     `cfg.min_samples_for_bad_fraction`) were corrupt.
     """
-    return TrainLoader(cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch)
+    kwargs = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch)
+    if cfg.train_shards:
+        return TrainLoader(cfg, **kwargs)
+    if cfg.train_coco_images and cfg.train_coco_annotations:
+        return CocoTrainLoader(cfg, **kwargs)
+    raise ValueError("set data.train_shards (WebDataset shards) or data.train_coco_images + data.train_coco_annotations")
 
 
-__all__ = ["BadDataError", "TrainLoader", "build_train_loader"]
+__all__ = ["BadDataError", "CocoTrainLoader", "TrainLoader", "build_train_loader"]
