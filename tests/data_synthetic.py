@@ -62,7 +62,8 @@ def annotations_by_image(data: dict[str, Any]) -> dict[int, list[dict[str, Any]]
 
 
 def build_shards_inline(src: Path, out: str, samples_per_shard: int, seed: int = 0,
-                        storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                        storage_options: dict[str, Any] | None = None, annotations: Path | None = None,
+                        images: Path | None = None) -> dict[str, Any]:
     """The builder's plan + writer + manifest without Ray (fast fixture for loader tests)."""
     from data_pipeline.annotation_index import load_annotation_index
     from data_pipeline.manifest import build_manifest, write_manifest
@@ -70,8 +71,8 @@ def build_shards_inline(src: Path, out: str, samples_per_shard: int, seed: int =
     from data_pipeline.storage import Storage
     from data_pipeline.writer import WriterSettings, write_shard
 
-    index = load_annotation_index(str(src / "annotations.json"))
-    settings = WriterSettings(images_root=str(src / "images"), output_root=out,
+    index = load_annotation_index(str(annotations or src / "annotations.json"))
+    settings = WriterSettings(images_root=str(images or src / "images"), output_root=out,
                               known_category_ids=[c["id"] for c in index.categories],
                               output_storage_options=storage_options or {})
     records = [write_shard(task, settings) for task in plan_shards(index, samples_per_shard, seed)]

@@ -225,3 +225,21 @@ def test_spawned_workers_stream_s3_shards(s3_bucket, tmp_path):
     batches = list(loader)
     assert sorted(image_ids(batches)) == sorted(range(1000, 1000 + 7 * 20, 7))
     assert loader.stats()["samples_skipped"] == 0
+
+
+def test_coco_mini_every_sample_through_the_loader(coco_mini, tmp_path):
+    raw = json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
+    build_shards_inline(coco_mini, str(tmp_path / "shards"), samples_per_shard=16,
+                        annotations=coco_mini / "annotations" / "instances_train2017.json",
+                        images=coco_mini / "train2017")
+    cfg = small_cfg(str(tmp_path / "shards"), train_scales=[96, 128], train_max_size=200)
+    loader = build_train_loader(cfg, batch_size=8, rank=0, world_size=1, seed=0)
+    targets = [t for batch in loader for t in batch.targets]
+    assert sorted(int(t["image_id"]) for t in targets) == sorted(img["id"] for img in raw["images"])
+    sizes = {img["id"]: [img["height"], img["width"]] for img in raw["images"]}
+    for t in targets:
+        image_id = int(t["image_id"])
+        assert t["orig_size"].tolist() == sizes[image_id]
+        non_crowd = Counter(a["category_id"] for a in raw["annotations"] if a["image_id"] == image_id and not a["iscrowd"])
+        assert not Counter(t["labels"].tolist()) - non_crowd
+    assert loader.stats()["samples_skipped"] == 0
