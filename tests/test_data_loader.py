@@ -209,6 +209,11 @@ def test_bad_samples_are_skipped_counted_and_bounded(tmp_path):
     assert stats["reasons"] == {"undecodable_image": 1, "bad_boxes": 2, "truncated_tar": 4}
     assert stats["samples_read"] == 24 and stats["samples_skipped"] == 7 and len(ids) == 17 == len(set(ids))
 
+    shards[3].unlink()  # a shard the manifest names but storage lacks
+    loader = build_train_loader(cfg, batch_size=4, rank=0, world_size=1, seed=0)
+    assert len(image_ids(list(loader))) == 17 - 6
+    assert loader.stats()["reasons"]["shard_unreadable"] == 6
+
     strict = build_train_loader(dataclasses.replace(cfg, max_bad_fraction=0.1, min_samples_for_bad_fraction=10),
                                 batch_size=4, rank=0, world_size=1, seed=0)
     with pytest.raises(BadDataError, match=r"more than data.max_bad_fraction=10.00%"):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import build_shards as build_mod
 from data_pipeline.build_shards import BuildSettings, build_parser, build_shards, main
 from data_pipeline.manifest import read_manifest
 from data_pipeline.storage import Storage

@@ -197,7 +197,7 @@ def read_segments(
         try:
             stream = _open_with_retries(open_shard, segment.shard, open_retries)
         except OSError as exc:
-            stream, failure = None, f"shard_unreadable"
+            stream, failure = None, "shard_unreadable"
             detail = str(exc)
         if stream is not None:
             try:
