@@ -58,7 +58,7 @@ def _pip_cuda_include_dirs() -> list[str]:
 def extension_kwargs(with_cuda: bool) -> dict:
     """Sources and compiler flags of the extension."""
     sources = [str(OPS / "msda_library.cpp"), str(OPS / "msda_cpu.cpp")]
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
     kwargs: dict = {
         "sources": sources,
         "include_dirs": [str(OPS)],
