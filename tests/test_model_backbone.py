@@ -104,3 +104,22 @@ def test_swin_matches_official_detection_swin(grad_checkpointing):
     loss = sum(o.square().mean() for o in backbone(x))
     loss.backward()
     assert all(p.grad is not None for p in backbone.parameters())
+
+
+def test_swin_pretrained_weights_in_the_official_classification_layout(tmp_path):
+    """An official (Microsoft) Swin classification checkpoint: PatchMerging at the end of a
+    stage, a final norm and head, derived buffers; loads into the timm modules."""
+    recorded = load_file(DATA / "official_swin_tiny.safetensors")
+    state = {k[len("official."):]: v.float() for k, v in recorded.items()
+             if k.startswith("official.") and not k.startswith("official.norm")}
+    state["norm.weight"] = torch.ones(128)
+    state["head.weight"] = torch.zeros(10, 128)
+    path = tmp_path / "swin_classification.pth"
+    torch.save({"model": state}, path)
+    backbone = SwinBackbone(_tiny_swin_cfg(pretrained_path=str(path)))
+    load_backbone_weights(backbone, path)
+    reference = SwinBackbone(_tiny_swin_cfg())
+    _load_official_swin(reference, recorded)
+    ours, theirs = backbone.body.state_dict(), reference.body.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
