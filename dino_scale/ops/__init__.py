@@ -16,8 +16,13 @@ from dino_scale.ops import native
 from dino_scale.ops.reference import ms_deform_attn_reference
 
 NATIVE, _NATIVE_ERROR = native.load()
+# Device types with a native kernel, looked up once (torch.compile cannot trace the query).
+_NATIVE_DEVICES: frozenset[str] = frozenset()
 if NATIVE is not None:
     native.register_python_kernels()
+    _NATIVE_DEVICES = frozenset(
+        {"meta"} | {d for d in ("cpu", "cuda") if native.has_kernel(d.upper())}
+    )
 else:
     warnings.warn(
         "dino_scale.ops: native multi-scale deformable attention unavailable, "
@@ -90,9 +95,8 @@ def _check_inputs(
 
 
 def _native_available(device: torch.device) -> bool:
-    if NATIVE is not None and device.type in ("cpu", "cuda", "meta"):
-        if device.type == "meta" or native.has_kernel(device.type.upper()):
-            return True
+    if NATIVE is not None and device.type in _NATIVE_DEVICES:
+        return True
     if device.type not in _warned_devices:
         _warned_devices.add(device.type)
         why = "not loaded: " + _NATIVE_ERROR if NATIVE is None else f"built without {device.type}"
