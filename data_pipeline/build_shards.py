@@ -103,16 +103,18 @@ def build_shards(
     failures: dict[str, str] = {}
     categories, index_dropped = index.categories, dict(index.dropped)
     del index  # the tasks carry their own rows; free the driver's arrays while they run
-    for record, error, task in progress(
-        _run_bounded(remote, tasks, writer, max_in_flight), total=len(tasks), desc="shards", unit="shard"
-    ):
-        if error is not None:
-            failures[task.name] = error
-            log.error("shard %s failed after %d retries: %s", task.name, settings.max_retries, error)
-            continue
-        records.append(record)
-        if on_shard_done is not None:
-            on_shard_done(record)
+    runs = _run_bounded(remote, tasks, writer, max_in_flight)
+    try:
+        for record, error, task in progress(runs, total=len(tasks), desc="shards", unit="shard"):
+            if error is not None:
+                failures[task.name] = error
+                log.error("shard %s failed after %d retries: %s", task.name, settings.max_retries, error)
+                continue
+            records.append(record)
+            if on_shard_done is not None:
+                on_shard_done(record)
+    finally:
+        runs.close()  # on interruption: cancel the tasks still in flight
     report = _report(records, failures, index_dropped, time.perf_counter() - start)
     out.write_bytes(REPORT_NAME, json.dumps(report, indent=1).encode())
     if failures:

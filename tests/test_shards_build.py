@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline import build_shards as build_mod
 from data_pipeline.build_shards import BuildSettings, build_parser, build_shards, main
 from data_pipeline.manifest import read_manifest
 from data_pipeline.storage import Storage
@@ -232,3 +233,21 @@ def test_max_side_reencodes_and_keeps_original_size(ray_local, tmp_path):
     jpg, meta, _ = samples[2]
     assert meta["orig_size"] == meta["size"] == [60, 90]
     assert jpg == (src / "images" / "small.jpg").read_bytes()
+
+
+@pytest.mark.faults
+def test_failing_shard_is_retried_reported_and_resumable(ray_local, tmp_path):
+    make_coco(tmp_path / "src", num_images=20, seed=6)
+    out = tmp_path / "out"
+    (out / "shard-000002.tar").mkdir(parents=True)  # publishing this shard fails with an OSError
+    settings = BuildSettings(annotations=str(tmp_path / "src" / "annotations.json"), images=str(tmp_path / "src" / "images"),
+                             output=str(out), samples_per_shard=5, max_retries=1)
+    with pytest.raises(build_mod.BuildError, match="1 of 4 shards failed"):
+        build_shards(settings)
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["shards_written"] == 3 and list(report["failures"]) == ["shard-000002.tar"]
+    assert not (out / "manifest.json").exists()
+    (out / "shard-000002.tar").rmdir()
+    report = build_shards(settings)
+    assert (report["shards_written"], report["shards_skipped"]) == (1, 3)
+    assert read_manifest(str(out))["totals"]["samples"] == 20
