@@ -82,6 +82,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two deepspeed launcher start-ups (~10-25 s)
 def test_sigterm_reaches_each_rank_once(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text(STAND_IN)
     env = dict(os.environ, DS_ACCELERATOR="cpu",
