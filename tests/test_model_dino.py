@@ -170,3 +170,19 @@ def test_gradients_reach_every_trainable_parameter():
                           for n in frozen)
     no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"no gradient reached {no_grad}"
+
+
+def test_bf16_parameters_with_fp32_buffers_run_forward_and_backward():
+    """DeepSpeed bf16 casts parameters and inputs but leaves buffers (frozen BatchNorm
+    statistics) in fp32."""
+    torch.manual_seed(0)
+    model = build_dino(_small_cfg("model.backbone.frozen_batchnorm=true")).train()
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    images, masks, targets = _batch()
+    out = model(images.to(torch.bfloat16), masks, targets)
+    heads = [out, *out["aux_outputs"], out["enc_outputs"], *out["dn_outputs"]]
+    loss = sum(h["pred_logits"].float().sigmoid().mean() + h["pred_boxes"].float().mean() for h in heads)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.class_embed.weight.grad is not None and model.class_embed.weight.grad.dtype == torch.bfloat16

@@ -41,7 +41,8 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
         bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
-        return x * scale + bias
+        # statistics may stay fp32 while DeepSpeed casts the parameters and inputs to bf16/fp16
+        return x * scale.to(x.dtype) + bias.to(x.dtype)
 
 
 class ResNetBackbone(nn.Module):

@@ -102,7 +102,7 @@ class Decoder(nn.Module):
             # [B, Q, L, 4]: boxes in each level's valid (unpadded) frame
             reference_input = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             query_sine = box_sine_embedding(reference_input[:, :, 0, :], self.d_model // 2)
-            query_pos = self.ref_point_head(query_sine)
+            query_pos = self.ref_point_head(query_sine.to(output.dtype))
             output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
                            memory_padding_mask, self_attn_mask)
             new_reference = (bbox_embed(output) + inverse_sigmoid(reference)).sigmoid()
