@@ -104,6 +104,8 @@ class DataConfig:
     # resampled: shards drawn with replacement, epoch of `samples_per_epoch` (multi-node)
     mode: Literal["finite", "resampled"] = "finite"
     samples_per_epoch: int | None = None
+    # per loader worker: samples held (still JPEG-encoded) to shuffle within; shards
+    # themselves are shuffled per epoch with the seed
     shuffle_buffer: int = 1000
     num_workers: int = 2
     # augmentation (official DETR/DINO values)
