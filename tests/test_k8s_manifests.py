@@ -605,7 +605,6 @@ def test_training_commands_match_the_clis(overlay: str, stage: str, tmp_path: Pa
 
     objs = build(overlay, stage)
     configmaps = {o["metadata"]["name"]: o for o in by_kind(objs, "ConfigMap")}
-    pvc_mounts = None
     (run,) = training_runs(objs)
     spec = run.template["spec"]
     pvc_volumes = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
@@ -635,6 +634,9 @@ def test_training_commands_match_the_clis(overlay: str, stage: str, tmp_path: Pa
         assert any(cfg.paths.output_dir.startswith(m + "/") for m in pvc_mounts), (
             f"{run.where}: paths.output_dir {cfg.paths.output_dir} is not on the checkpoint PVC; "
             "a restarted pod would not find its checkpoints")
+        checkpoint_dir = cfg.paths.checkpoint_dir or cfg.paths.output_dir
+        assert any(checkpoint_dir.startswith(m + "/") for m in pvc_mounts), (
+            f"{run.where}: checkpoints ({checkpoint_dir}) are not on the PVC")
         assert cfg.train.auto_resume, f"{run.where}: restarts rely on train.auto_resume"
         if getattr(args, "pretrained", None):
             assert any(args.pretrained.startswith(m + "/") for m in pvc_mounts), args.pretrained
