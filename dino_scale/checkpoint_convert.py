@@ -169,11 +169,13 @@ def read_official(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[s
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if allow_unsafe_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
+        if allow_unsafe_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as exc:  # truncated or not a torch file
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: {exc}") from exc
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} holds Python objects beyond tensors and argparse.Namespace, which could run "

@@ -158,6 +158,10 @@ def test_load_model_reports_a_misfit(tmp_path):
         load_model(TINY / "config.yaml", TINY / "checkpoint.pth", ["model.num_classes=12"])
     with pytest.raises(CheckpointError, match="not found"):
         load_model(TINY / "config.yaml", tmp_path / "missing.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((TINY / "checkpoint.pth").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_weights(truncated)
     junk = tmp_path / "junk.pth"
     torch.save({"weights": torch.zeros(1)}, junk)
     with pytest.raises(CheckpointError, match="neither"):
