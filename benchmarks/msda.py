@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/msda.py                  # both DINO shapes, 2 threads
     .venv/bin/python benchmarks/msda.py --shape decoder --repeats 21
+    python benchmarks/msda.py --device cuda --batch 8   # on a GPU machine
 
 Shapes (DINO-4scale at a 512x512 input): levels 64^2, 32^2, 16^2, 8^2 (S = 5440), M = 8
 heads, D = 32 channels per head, P = 4 points, N = 2; encoder Lq = 5440 (one query per pixel),
@@ -17,6 +18,9 @@ the peak resident set size (VmHWM), runs one forward and one forward+backward, a
 reports how far the peak rose above that baseline. This counts every byte the pass touched
 (outputs, gradients, intermediates, allocator slack) for either implementation alike;
 tracemalloc does not see torch's allocations.
+
+On CUDA, times are taken after torch.cuda.synchronize() and peak memory is
+torch.cuda.max_memory_allocated() above the inputs, measured in this process.
 
 Physical limit: the benchmark counts the bytes of value rows each pass gathers (4 corners x D
 channels per sample, plus the grad_value read-modify-write in backward) and the multiply-adds,
@@ -107,17 +111,24 @@ def _forward_backward(fn, inputs):
     out.backward(torch.ones_like(out))
 
 
-def time_interleaved(shape: Shape, locations: str, repeats: int) -> dict[str, float]:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(shape: Shape, locations: str, repeats: int, device: str) -> dict[str, float]:
     impls = _implementations()
-    inputs = make_inputs(shape, locations)
+    inputs = tuple(t.to(device) for t in make_inputs(shape, locations))
     runs = [(f"{impl} {mode}", fn, step) for mode, step in (("fwd", _forward), ("fwd+bwd", _forward_backward)) for impl, fn in impls.items()]
     for _, fn, step in runs:  # warm-up
         step(fn, inputs)
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for _ in range(repeats):
         for name, fn, step in runs:
+            _sync(device)
             start = time.perf_counter()
             step(fn, inputs)
+            _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -145,9 +156,25 @@ def measure_memory_child(shape: Shape, locations: str, impl: str) -> dict[str, i
     return {"fwd": forward_peak - baseline, "fwd+bwd": _peak_rss_bytes() - baseline}
 
 
-def measure_memory(shape: Shape, locations: str, impl: str, threads: int) -> dict[str, int]:
+def measure_memory_cuda(shape: Shape, locations: str, impl: str) -> dict[str, int]:
+    fn = _implementations()[impl]
+    inputs = tuple(t.cuda() for t in make_inputs(shape, locations))
+    result = {}
+    for mode, step in (("fwd", _forward), ("fwd+bwd", _forward_backward)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        step(fn, inputs)
+        torch.cuda.synchronize()
+        result[mode] = torch.cuda.max_memory_allocated() - baseline
+    return result
+
+
+def measure_memory(shape: Shape, locations: str, impl: str, threads: int, device: str) -> dict[str, int]:
+    if device == "cuda":
+        return measure_memory_cuda(shape, locations, impl)
     cmd = [sys.executable, __file__, "--memory-child", impl, "--shape", shape.name,
-           "--locations", locations, "--threads", str(threads)]
+           "--locations", locations, "--threads", str(threads), "--batch", str(shape.batch)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -194,31 +221,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=["encoder", "decoder", "both"], default="both")
     parser.add_argument("--locations", choices=["dino", "uniform"], default="dino")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--memory-child", choices=["native", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = ["encoder", "decoder"] if args.shape == "both" else [args.shape]
-    shapes = [Shape(name, queries=QUERIES[name]) for name in names]
+    shapes = [Shape(name, batch=args.batch, queries=QUERIES[name]) for name in names]
     if args.memory_child:
         print(json.dumps(measure_memory_child(shapes[0], args.locations, args.memory_child)))
         return
 
     from dino_scale.ops import NATIVE
 
-    peak_flops, peak_bw = machine_peaks()
-    print(f"torch {torch.__version__}, {args.threads} threads, native op: {NATIVE}, "
+    peak_flops, peak_bw = machine_peaks() if args.device == "cpu" else (math.nan, math.nan)
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, native op: {NATIVE}, "
           f"locations: {args.locations}, medians of {args.repeats} interleaved runs")
     print(f"machine: matmul {peak_flops / 1e9:.0f} GFLOP/s, streaming copy {peak_bw / 1e9:.1f} GB/s")
     for shape in shapes:
         print(f"\n{shape.name}: N={shape.batch} Lq={shape.queries} M={shape.heads} "
               f"D={shape.channels} L={len(LEVELS)} P={shape.points} S={shape.value_len} "
               f"({shape.samples / 1e6:.2f} M samples)")
-        times = time_interleaved(shape, args.locations, args.repeats)
+        times = time_interleaved(shape, args.locations, args.repeats, args.device)
         memory = {}
         if not args.no_memory:
-            memory = {impl: measure_memory(shape, args.locations, impl, args.threads)
+            memory = {impl: measure_memory(shape, args.locations, impl, args.threads, args.device)
                       for impl in ("native", "reference")}
         amounts = work(shape)
         for mode in ("fwd", "fwd+bwd"):
@@ -231,6 +260,10 @@ def main(argv: list[str] | None = None) -> None:
                          f" ({nm / max(rm, 1):.2f}x)")
             print(line)
             a = amounts[mode]
+            if args.device != "cpu":
+                print(f"           native: {a['gathered'] / native_t / 1e9:6.1f} GB/s gathered, "
+                      f"{a['dram'] / native_t / 1e9:6.1f} GB/s of tensors streamed")
+                continue
             bound = max(a["flop"] / peak_flops, a["dram"] / peak_bw)
             print(f"           native: {a['flop'] / native_t / 1e9:5.1f} GFLOP/s, gathers "
                   f"{a['gathered'] / native_t / 1e9:5.1f} GB/s, {native_t / shape.samples * 1e9:5.1f} "

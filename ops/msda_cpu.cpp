@@ -5,14 +5,16 @@
 // Forward: parallel over (n, query); one (n, query, head) accumulates its L * P samples in a
 //   D-wide register block and writes its output row once.
 // Backward: parallel over (n, head); the task owns grad_value[n, :, head, :], so it
-//   accumulates without atomics or per-thread copies, and computes grad_value,
-//   grad_sampling_locations and grad_attention_weights in one pass over the samples.
+//   accumulates without atomics or per-thread copies of grad_value (in a packed [S, D]
+//   block, see msda_cpu_kernels.inc), and computes grad_value, grad_sampling_locations and
+//   grad_attention_weights in one pass over the samples.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -74,7 +76,6 @@ struct ForwardArgs {
   scalar_t* out;
 };
 
-// grad_value is the output itself for float32/float64, a float32 buffer for half types.
 template <typename scalar_t>
 struct BackwardArgs {
   Geometry geometry;
@@ -83,7 +84,7 @@ struct BackwardArgs {
   const at::opmath_type<scalar_t>* locations;
   const at::opmath_type<scalar_t>* weights;
   const scalar_t* grad_out;
-  at::opmath_type<scalar_t>* grad_value;
+  scalar_t* grad_value;
   at::opmath_type<scalar_t>* grad_locations;
   at::opmath_type<scalar_t>* grad_weights;
 };
@@ -192,15 +193,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                                   attention_weights);
   check_grad_output(grad_output, value, g);
   const auto levels = read_levels(spatial_shapes, level_start_index, g.value_len);
-  const auto acc_dtype = accumulate_dtype(value.scalar_type());
-  const bool reduced = acc_dtype != value.scalar_type();
-  // Half types accumulate grad_value in float32 and round once at the end.
-  auto grad_value_acc = at::empty(value.sizes(), value.options().dtype(acc_dtype));
+  auto grad_value = at::empty(value.sizes(), value.options());
   auto grad_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
   auto grad_weights = at::empty(attention_weights.sizes(), attention_weights.options());
   const bool no_samples = g.queries == 0 || g.levels == 0 || g.points == 0 || g.channels == 0;
   if (value.numel() == 0 || no_samples) {
-    grad_value_acc.zero_();
+    grad_value.zero_();
     grad_locations.zero_();
     grad_weights.zero_();
   } else {
@@ -214,13 +212,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       with_static_channels(g.channels, [&](auto channels) {
         const BackwardArgs<scalar_t> args{
             g, levels.data(), v.data_ptr<scalar_t>(), loc.data_ptr<acc_t>(),
-            attn.data_ptr<acc_t>(), go.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
+            attn.data_ptr<acc_t>(), go.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
             grad_locations.data_ptr<acc_t>(), grad_weights.data_ptr<acc_t>()};
         run_backward<scalar_t, decltype(channels)::value>(args);
       });
     });
   }
-  auto grad_value = reduced ? grad_value_acc.to(value.scalar_type()) : grad_value_acc;
   return {grad_value, grad_locations, grad_weights};
 }
 
