@@ -49,6 +49,7 @@ def test_hostfile_lists_every_node(tmp_path: Path) -> None:
     (lambda a: a[:a.index("--node_rank") + 1] + ["2"] + a[a.index("--node_rank") + 2:], "--node_rank"),
     (lambda a: a[:a.index("--num_gpus")] + a[a.index("--num_gpus") + 2:], "--num_gpus"),
     (lambda a: a[:a.index("--master_addr")] + a[a.index("--master_addr") + 2:], "--master_addr"),
+    (lambda a: a[:a.index("--hostfile")] + a[a.index("--hostfile") + 2:], "--hostfile"),
     (lambda a: ["torchrun"] + a[1:], "starting with 'deepspeed'"),
 ])
 def test_unusable_commands_are_refused(tmp_path: Path, change, message: str, capsys) -> None:

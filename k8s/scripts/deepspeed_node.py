@@ -34,6 +34,7 @@ from types import FrameType
 import psutil
 
 # deepspeed's own parser, so the wrapper and the launcher agree on every flag
+from deepspeed.launcher.runner import DLTS_HOSTFILE
 from deepspeed.launcher.runner import parse_args as parse_deepspeed_args
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -59,8 +60,9 @@ def check_command(argv: list[str]):
         problems.append(f"--node_rank must be in [0, {args.num_nodes}), got {args.node_rank}")
     if not args.master_addr:
         problems.append("--master_addr is required")
-    if not args.hostfile or args.hostfile == "/job/hostfile":
-        problems.append("--hostfile must name a writable path (e.g. /tmp/dino/hostfile)")
+    if args.hostfile == DLTS_HOSTFILE:
+        problems.append("--hostfile must name a writable path (e.g. /tmp/dino/hostfile), "
+                        f"not the default {DLTS_HOSTFILE}")
     if problems:
         raise LaunchError("; ".join(problems))
     return args
