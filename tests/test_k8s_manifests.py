@@ -854,11 +854,17 @@ def trainer_metrics() -> dict[str, set[str]]:
     from dino_scale.config import MetricsConfig
     from dino_scale.metrics import TrainingMetrics
 
+    from prometheus_client.metrics import MetricWrapperBase
+
     metrics = TrainingMetrics(MetricsConfig(enabled=False), rank=0, local_rank=0)
+    registered = {family.name for family in metrics.registry.collect()}
     out: dict[str, set[str]] = {}
-    for collector in list(metrics.registry._collector_to_names):
+    for collector in vars(metrics).values():
+        if not isinstance(collector, MetricWrapperBase):
+            continue
         for family in collector.describe():
-            labels = set(getattr(collector, "_labelnames", ()))
+            assert family.name in registered, f"{family.name} is not in the trainer's registry"
+            labels = set(collector._labelnames)
             if family.type == "counter":
                 out[family.name + "_total"] = labels
             elif family.type == "histogram":
