@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -106,3 +107,5 @@ def test_coco_folder_train_loader_splits_resumes_and_counts_bad(tmp_path):
         assert all(torch.equal(s["boxes"], t["boxes"]) for s, t in zip(x.targets, y.targets))
     assert resumed.stats()["reasons"] == {"missing_image": 1, "undecodable_image": 1}
     assert resumed.stats()["samples_read"] == 21
+    clone = pickle.loads(pickle.dumps(resumed.dataset))  # what spawned workers receive
+    assert torch.equal(clone[0][0], resumed.dataset[0][0])

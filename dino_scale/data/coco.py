@@ -103,11 +103,6 @@ class SkippingCocoDetection(Dataset):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             return BadSample("undecodable_image", str(exc))
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_images"] = Storage(self.images_root, self.storage_options)
-        return state
-
 
 def build_eval_dataset(cfg: Any) -> CocoDetection:
     """`cfg.val_images` + `cfg.val_annotations` with the eval transform (shorter side
