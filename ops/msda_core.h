@@ -32,9 +32,11 @@ MSDA_HOST_DEVICE double floor_of(double v) { return floor(v); }
 
 // The four corners of one bilinear sample, in the order
 // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
+// Pixel indices are 32-bit (levels have far fewer than 2^31 pixels; the entry points check),
+// which lets the CPU compiler vectorise a loop of these calls over samples.
 template <typename acc_t>
 struct Corners {
-  int64_t pixel[4];   // index of the corner inside its level (row-major y * W + x), -1 if outside
+  int32_t pixel[4];   // index of the corner inside its level (row-major y * W + x), -1 if outside
   acc_t weight[4];    // bilinear weight, 0 where the corner is outside
   acc_t lx, ly;       // fractional position inside the cell, needed by the backward pass
 };
@@ -42,8 +44,8 @@ struct Corners {
 // Corners and weights of the sample at normalised location (loc_x, loc_y) on an H x W level.
 // A sample whose whole footprint lies outside the map has all four corners outside.
 template <typename acc_t>
-MSDA_HOST_DEVICE Corners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t height,
-                                                 int64_t width) {
+MSDA_HOST_DEVICE Corners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int32_t height,
+                                                 int32_t width) {
   Corners<acc_t> c;
   // Pixel coordinates with centres on integers (align_corners=False).
   const acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
@@ -57,13 +59,13 @@ MSDA_HOST_DEVICE Corners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int64
   // Locations far outside (or NaN) must not overflow the integer conversion below.
   const bool in_range = fx > acc_t(-2) && fy > acc_t(-2) && fx < static_cast<acc_t>(width) &&
                         fy < static_cast<acc_t>(height);
-  const int64_t x0 = in_range ? static_cast<int64_t>(fx) : -2;
-  const int64_t y0 = in_range ? static_cast<int64_t>(fy) : -2;
+  const int32_t x0 = in_range ? static_cast<int32_t>(fx) : -2;
+  const int32_t y0 = in_range ? static_cast<int32_t>(fy) : -2;
   const acc_t w[4] = {hy * hx, hy * c.lx, c.ly * hx, c.ly * c.lx};
 MSDA_UNROLL
   for (int k = 0; k < 4; ++k) {
-    const int64_t cy = y0 + (k >> 1);
-    const int64_t cx = x0 + (k & 1);
+    const int32_t cy = y0 + (k >> 1);
+    const int32_t cx = x0 + (k & 1);
     const bool inside = cy >= 0 && cy < height && cx >= 0 && cx < width;
     c.pixel[k] = inside ? cy * width + cx : -1;
     c.weight[k] = inside ? w[k] : acc_t(0);
@@ -82,7 +84,7 @@ struct SampleGradsT {
 
 template <typename acc_t>
 MSDA_HOST_DEVICE SampleGradsT<acc_t> sample_grads(const Corners<acc_t>& c, const acc_t corner_dot[4],
-                                                  acc_t attn, int64_t height, int64_t width) {
+                                                  acc_t attn, int32_t height, int32_t width) {
   SampleGradsT<acc_t> g;
   g.grad_attn = c.weight[0] * corner_dot[0] + c.weight[1] * corner_dot[1] +
                 c.weight[2] * corner_dot[2] + c.weight[3] * corner_dot[3];

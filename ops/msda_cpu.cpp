@@ -56,6 +56,8 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
     levels[l] = Level{hw[2 * l], hw[2 * l + 1], st[l]};
     TORCH_CHECK(levels[l].height >= 0 && levels[l].width >= 0,
                 "ms_deform_attn: spatial_shapes has a negative size at level ", l);
+    TORCH_CHECK(levels[l].height * levels[l].width < (int64_t(1) << 31),
+                "ms_deform_attn: spatial_shapes level ", l, " has 2^31 pixels or more");
     TORCH_CHECK(levels[l].start == expected_start, "ms_deform_attn: level_start_index[", l,
                 "] is ", levels[l].start, " but the spatial_shapes before it sum to ",
                 expected_start);

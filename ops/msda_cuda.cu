@@ -44,7 +44,8 @@ __global__ void forward_kernel(Geometry g, const scalar_t* __restrict__ value,
   for (int64_t c = lane; c < D; c += kWarp) {
     acc_t acc = 0;
     for (int64_t l = 0; l < g.levels; ++l) {
-      const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+      const int32_t height = static_cast<int32_t>(shapes[2 * l]);
+      const int32_t width = static_cast<int32_t>(shapes[2 * l + 1]);
       const scalar_t* level_value = value_nm + starts[l] * row_stride + c;
       for (int64_t p = 0; p < g.points; ++p) {
         const int64_t s = sample0 + l * g.points + p;
@@ -97,7 +98,8 @@ __global__ void backward_kernel(Geometry g, const scalar_t* __restrict__ value,
     const bool active = c < D;
     const acc_t grad_c = active ? static_cast<acc_t>(grad_out[warp * D + c]) : acc_t(0);
     for (int64_t l = 0; l < g.levels; ++l) {
-      const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+      const int32_t height = static_cast<int32_t>(shapes[2 * l]);
+      const int32_t width = static_cast<int32_t>(shapes[2 * l + 1]);
       const int64_t level_offset = nm_offset + starts[l] * row_stride + c;
       for (int64_t p = 0; p < g.points; ++p) {
         const int64_t s = sample0 + l * g.points + p;
