@@ -6,7 +6,7 @@
 //   D-wide register block and writes its output row once.
 // Backward: parallel over (n, head); the task owns grad_value[n, :, head, :], so it
 //   accumulates without atomics or per-thread copies of grad_value (in a packed [S, D]
-//   block, see msda_cpu_kernels.inc), and computes grad_value, grad_sampling_locations and
+//   block, see msda_cpu_kernels.h), and computes grad_value, grad_sampling_locations and
 //   grad_attention_weights in one pass over the samples.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -95,7 +95,7 @@ struct BackwardArgs {
 // instructions wide, so AVX-512 against the x86-64 baseline (SSE2, no FMA) is worth ~2x.
 #define MSDA_ISA isa_default
 #define MSDA_TARGET
-#include "msda_cpu_kernels.inc"
+#include "msda_cpu_kernels.h"
 #undef MSDA_ISA
 #undef MSDA_TARGET
 
@@ -103,12 +103,12 @@ struct BackwardArgs {
 #define MSDA_X86_VARIANTS 1
 #define MSDA_ISA isa_avx2
 #define MSDA_TARGET __attribute__((target("avx2,fma,f16c")))
-#include "msda_cpu_kernels.inc"
+#include "msda_cpu_kernels.h"
 #undef MSDA_ISA
 #undef MSDA_TARGET
 #define MSDA_ISA isa_avx512
 #define MSDA_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
-#include "msda_cpu_kernels.inc"
+#include "msda_cpu_kernels.h"
 #undef MSDA_ISA
 #undef MSDA_TARGET
 #endif

@@ -2,7 +2,7 @@
 // MSDA_ISA (a namespace name) and MSDA_TARGET (a function attribute selecting the ISA, empty
 // for the baseline) defined. One call processes a contiguous range of the parallel loop;
 // msda_cpu.cpp splits the loop across threads (the ISA attribute would not reach a lambda).
-// No include guard on purpose.
+// No include guard on purpose: included once per instruction set.
 
 namespace MSDA_ISA {
 
