@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import array
 import concurrent.futures
+import json
 import multiprocessing
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +22,8 @@ from typing import Any, Iterable
 import ijson
 import numpy as np
 
-from data_pipeline.storage import filesystem, split_url
+from data_pipeline.storage import filesystem, redact_url, split_url
+from dino_scale.io import atomic_write_with
 from dino_scale.log import get_logger
 
 log = get_logger("data_pipeline.annotation_index")
@@ -226,3 +229,57 @@ def _finish(c: _Collector) -> AnnotationIndex:
         iscrowd=iscrowd, categories=sorted(c.categories, key=lambda x: x["id"]), dropped=dropped,
     )
 
+
+
+# -- cache: a resumed build need not re-parse a multi-GB file -------------------------------
+
+_ARRAYS = ("image_ids", "widths", "heights", "name_offsets", "ann_start", "boxes", "category_ids", "iscrowd")
+
+
+def source_fingerprint(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Identity of the annotation file as storage reports it (size + mtime/ETag)."""
+    info = filesystem(url, storage_options).info(split_url(url)[1])
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return json.dumps([redact_url(url), int(info.get("size") or 0), str(stamp)])
+
+
+def save_index(index: AnnotationIndex, path: str, fingerprint: str) -> None:
+    """Write the index as one uncompressed .npz, atomically."""
+    meta = json.dumps({"fingerprint": fingerprint, "categories": index.categories, "dropped": dict(index.dropped)})
+    arrays = {name: getattr(index, name) for name in _ARRAYS}
+    arrays["name_blob"] = np.frombuffer(index.name_blob, dtype=np.uint8)
+    arrays["meta"] = np.frombuffer(meta.encode(), dtype=np.uint8)
+    atomic_write_with(path, lambda f: np.savez(f, **arrays))
+
+
+def load_cached_index(path: str, fingerprint: str) -> AnnotationIndex | None:
+    """The cached index at `path` if it was made from the same source file, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes())
+            if meta.get("fingerprint") != fingerprint:
+                return None
+            arrays = {name: data[name] for name in _ARRAYS}
+            blob = data["name_blob"].tobytes()
+    except (OSError, ValueError, KeyError):
+        return None
+    return AnnotationIndex(name_blob=blob, categories=meta["categories"], dropped=Counter(meta["dropped"]), **arrays)
+
+
+def load_annotation_index_cached(
+    url: str, storage_options: dict[str, Any] | None = None, cache: str | None = None
+) -> AnnotationIndex:
+    """`load_annotation_index`, reusing/writing the local cache file `cache` when given."""
+    if cache is None:
+        return load_annotation_index(url, storage_options)
+    fingerprint = source_fingerprint(url, storage_options)
+    index = load_cached_index(cache, fingerprint)
+    if index is not None:
+        log.info("annotation index from cache %s (%d images, %d annotations)", cache, index.num_images,
+                 index.num_annotations)
+        return index
+    index = load_annotation_index(url, storage_options)
+    save_index(index, cache, fingerprint)
+    return index

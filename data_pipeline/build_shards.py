@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from data_pipeline.annotation_index import load_annotation_index
+from data_pipeline.annotation_index import load_annotation_index_cached
 from data_pipeline.manifest import build_manifest, write_manifest
 from data_pipeline.plan import ShardTask, plan_shards
 from data_pipeline.storage import Storage, redact_url
@@ -58,6 +58,7 @@ class BuildSettings:
     max_in_flight: int | None = None
     max_retries: int = 3
     storage_options: dict[str, Any] = field(default_factory=dict)
+    index_cache: str | None = None  # local .npz reused by re-runs (resume without re-parsing)
 
     def public(self) -> dict[str, Any]:
         """The settings recorded in the manifest (no storage options: they may hold secrets)."""
@@ -80,7 +81,7 @@ def build_shards(
     import ray
 
     start = time.perf_counter()
-    index = load_annotation_index(settings.annotations, settings.storage_options)
+    index = load_annotation_index_cached(settings.annotations, settings.storage_options, settings.index_cache)
     fingerprint = {**settings.public(), "categories": [c["id"] for c in index.categories]}
     for key in ("annotations", "images", "limit"):
         fingerprint.pop(key)
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-encode images whose longer side exceeds this (orig_size is kept)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the plan")
+    p.add_argument("--index-cache", default=None, metavar="PATH.npz",
+                   help="local file caching the parsed annotation index for re-runs (checked against "
+                        "the annotation file's size and mtime/ETag)")
     p.add_argument("--verify", choices=("sha256", "size"), default="sha256",
                    help="how shards left by an earlier run are checked before being skipped")
     p.add_argument("--ray-address", default=None,
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         samples_per_shard=args.samples_per_shard, seed=args.seed, prefix=args.prefix,
         max_side=args.max_side, jpeg_quality=args.jpeg_quality, limit=args.limit, verify=args.verify,
         max_in_flight=args.max_in_flight, max_retries=args.max_retries,
-        storage_options=storage_options_from_args(args),
+        storage_options=storage_options_from_args(args), index_cache=args.index_cache,
     )
     owns_ray = init_ray(args.ray_address, args.num_cpus, args.object_store_mb)
     try:

@@ -74,3 +74,22 @@ def test_plan_is_deterministic_and_covers_every_image_once(tmp_path):
             expected = [[0, 0, 1 + a % 5, 2] for a in range(300) if 1 + a % 103 == image_id]
             assert task.boxes[task.ann_start[i] : task.ann_start[i + 1]].tolist() == expected
     assert plan_shards(index, 10, seed=7, settings_fingerprint={"max_side": 5})[0].digest != plan_a[0].digest
+
+
+def test_index_cache_round_trips_and_notices_a_changed_source(tmp_path):
+    from data_pipeline.annotation_index import load_annotation_index_cached
+
+    images, anns, cats = _dataset()
+    path = _write(tmp_path / "a.json", {"images": images, "annotations": anns, "categories": cats})
+    cache = str(tmp_path / "cache" / "index.npz")
+    fresh = load_annotation_index_cached(path, cache=cache)
+    cached = load_annotation_index_cached(path, cache=cache)
+    for name in ("image_ids", "widths", "heights", "name_offsets", "ann_start", "boxes", "category_ids", "iscrowd"):
+        a, b = getattr(fresh, name), getattr(cached, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert cached.name_blob == fresh.name_blob and cached.categories == fresh.categories
+    assert cached.dropped == fresh.dropped
+    anns[0]["bbox"] = [9.0, 9.0, 9.0, 9.0]
+    _write(tmp_path / "a.json", {"images": images, "annotations": anns, "categories": cats, "pad": "x" * 10})
+    changed = load_annotation_index_cached(path, cache=cache)
+    assert changed.boxes.tolist()[1] == [9.0, 9.0, 9.0, 9.0]
