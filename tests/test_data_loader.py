@@ -248,3 +248,11 @@ def test_coco_mini_every_sample_through_the_loader(coco_mini, tmp_path):
         non_crowd = Counter(a["category_id"] for a in raw["annotations"] if a["image_id"] == image_id and not a["iscrowd"])
         assert not Counter(t["labels"].tolist()) - non_crowd
     assert loader.stats()["samples_skipped"] == 0
+
+
+def test_train_shards_may_name_the_manifest_itself(dataset):
+    root, _, _ = dataset
+    by_dir = build_train_loader(small_cfg(str(root / "shards") + "/"), batch_size=5, rank=0, world_size=1, seed=0)
+    by_file = build_train_loader(small_cfg(str(root / "shards" / "manifest.json")), batch_size=5, rank=0, world_size=1, seed=0)
+    assert len(by_dir) == len(by_file) == math.ceil(NUM_IMAGES / 5)
+    assert image_ids(list(by_dir)) == image_ids(list(by_file))
