@@ -174,4 +174,5 @@ def exit_with(code: int) -> None:
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    return parser.parse_args(list(argv) if argv is not None else None)
+    # overrides may come before, between or after the options
+    return parser.parse_intermixed_args(list(argv) if argv is not None else None)

@@ -18,8 +18,9 @@ end; a run resumes by itself from the latest complete one in the checkpoint dire
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -143,6 +144,8 @@ class Trainer:
         import deepspeed
 
         self.ds_config = build_deepspeed_config(cfg, self.world)
+        if cfg.deepspeed.zero_stage == 3:
+            prepare_for_zero3(model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=self.ds_config
         )
@@ -235,13 +238,32 @@ class Trainer:
         return self.epoch >= self.cfg.optim.epochs
 
     def run(self) -> TrainResult:
-        self._build()
+        # SIGTERM (preemption) is blocked in this thread and polled once per micro-step.
+        # Processes started from here on (data-loader workers) inherit the blocked mask:
+        # the DeepSpeed launcher sends SIGTERM to a rank's children before the rank, and a
+        # worker killed under the rank would abort it before it can checkpoint. The
+        # handler covers threads started earlier, where the signal is not blocked.
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
+            self._build()
             return self._run()
         finally:
+            self.metrics_shutdown()
+            if signal.SIGTERM in signal.sigpending():
+                signal.sigtimedwait([signal.SIGTERM], 0)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             signal.signal(signal.SIGTERM, previous_handler)
+
+    def metrics_shutdown(self) -> None:
+        if getattr(self, "metrics", None) is not None:
             self.metrics.shutdown()
+
+    def _poll_stop(self) -> bool:
+        if not self._stop_requested and signal.SIGTERM in signal.sigpending():
+            signal.sigtimedwait([signal.SIGTERM], 0)
+            self._stop_requested = True
+        return self._stop_requested
 
     def _run(self) -> TrainResult:
         rank_state = self._resume()
@@ -286,7 +308,7 @@ class Trainer:
                 return "done"
             tick = time.perf_counter()
             batch = None
-            if not self._stop_requested:
+            if not self._poll_stop():
                 try:
                     batch = next(iterator)
                 except StopIteration:
@@ -295,6 +317,7 @@ class Trainer:
                     if not self._stop_requested:  # loader workers die with us on SIGTERM
                         raise
             data_wait = time.perf_counter() - tick
+            self._poll_stop()
             exhausted, stop = dist_utils.all_reduce_sum(
                 [float(batch is None and not self._stop_requested), float(self._stop_requested)],
                 self.device,
@@ -329,6 +352,8 @@ class Trainer:
             self.consecutive_skipped = 0
             self.step += 1
             self.metrics.steps.inc()
+            if hasattr(loader, "stats"):
+                self.metrics.observe_data(loader.stats())
             self._log_step(losses, step_seconds, data_wait, images.shape[0])
             if self.step % cfg.train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
@@ -429,6 +454,42 @@ class Trainer:
             summary["images_per_second"] = images_all / self.train_seconds if self.train_seconds else None
             atomic_write_text(self.output_dir / "train_summary.json", json.dumps(summary, indent=2))
         return result
+
+
+def prepare_for_zero3(model: nn.Module) -> None:
+    """Make a model's parameter accesses visible to ZeRO-3.
+
+    ZeRO-3 gathers a parameter only around its own module's forward (pre-hook) and
+    backward (hooks on the tensors the module returns). Two DINO patterns escape that:
+    - embedding tables read directly (`transformer.tgt_embed.weight`, `label_enc.weight`)
+      in the parent's forward: each `nn.Embedding` weight is registered as an external
+      parameter of its parent module;
+    - a submodule returning a dataclass (the transformer's output): ZeRO-3 cannot find the
+      tensors inside, so their backward would run on released (empty) parameters. A
+      forward hook turns such outputs into a NamedTuple with the same fields (attribute
+      access unchanged), which ZeRO-3 traverses. Registered before DeepSpeed's own hooks,
+      so it runs first.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for parent in model.modules():
+        for child in parent.children():
+            if isinstance(child, nn.Embedding):
+                register_external_parameter(parent, child.weight)
+        parent.register_forward_hook(_dataclass_output_as_namedtuple)
+
+
+_NAMEDTUPLE_OF: dict[type, type] = {}
+
+
+def _dataclass_output_as_namedtuple(module: nn.Module, args: Any, output: Any) -> Any:
+    if not dataclasses.is_dataclass(output) or isinstance(output, type):
+        return None
+    cls = type(output)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls not in _NAMEDTUPLE_OF:
+        _NAMEDTUPLE_OF[cls] = collections.namedtuple(cls.__name__, names)
+    return _NAMEDTUPLE_OF[cls](*(getattr(output, n) for n in names))
 
 
 def train(cfg: Config, components: Components | None = None) -> TrainResult:

@@ -1,0 +1,62 @@
+"""Shared helpers of the launcher tests: tiny demo shards and DeepSpeed launches."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", DINO_NO_PROGRESS="1",
+             OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return e
+
+
+def tiny_demo_data(base: Path) -> dict[str, Path]:
+    """Demo shapes (48 pretraining, 16 fine-tuning, 8 val images of 128 px) and their
+    shards; built once per pytest session under `base`."""
+    from dino_scale.demo_data import generate_demo_data
+
+    root = base / "tiny_demo"
+    out = {"root": root, "pretrain_shards": root / "shards" / "pretrain",
+           "finetune_shards": root / "shards" / "finetune",
+           "pretrain_ann": root / "data" / "pretrain" / "annotations.json",
+           "val_images": root / "data" / "finetune_val" / "images",
+           "val_ann": root / "data" / "finetune_val" / "annotations.json"}
+    if (out["finetune_shards"] / "manifest.json").is_file():
+        return out
+    splits = generate_demo_data(root / "data", pretrain_images=48, finetune_train_images=16,
+                                val_images=8, image_size=128, seed=5)
+    for name, split, shards in (("pretrain", splits["pretrain"], out["pretrain_shards"]),
+                                ("finetune", splits["finetune_train"], out["finetune_shards"])):
+        subprocess.run(
+            [sys.executable, "-m", "data_pipeline.build_shards", "--annotations", str(split.annotations),
+             "--images", str(split.images), "--output", str(shards), "--samples-per-shard", "8",
+             "--num-cpus", "2", "--object-store-mb", "100"],
+            check=True, cwd=REPO, env=env(), capture_output=True, timeout=300,
+        )
+    return out
+
+
+def small_overrides(output_dir: Path) -> list[str]:
+    return [f"paths.output_dir={output_dir}", "metrics.base_port=0", "metrics.log_every_steps=1",
+            "deepspeed.micro_batch_per_gpu=2", "data.num_workers=1", "model.num_queries=30",
+            "model.num_select=30", "model.dn_number=10", "model.enc_layers=1", "model.dec_layers=2"]
+
+
+def deepspeed_cmd(script: str, config: str, *args: str, num_gpus: int = 2) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
+            f"launch/{script}", "--config", config, *args]
