@@ -237,6 +237,10 @@ class Trainer:
             return self.step >= max_steps
         return self.epoch >= self.cfg.optim.epochs
 
+    def setup(self) -> None:
+        """Build model, engine, metrics (also what benchmarks use without the loop)."""
+        self._build()
+
     def run(self) -> TrainResult:
         # SIGTERM (preemption) is blocked in this thread and polled once per micro-step.
         # Processes started from here on (data-loader workers) inherit the blocked mask:
