@@ -37,6 +37,7 @@ log = get_logger("data_pipeline.build_shards")
 
 REPORT_NAME = "build_report.json"
 TRANSIENT_ERRORS = [OSError, TimeoutError]
+CANCEL_WAIT_S = 30.0
 
 
 class BuildError(RuntimeError):
@@ -157,8 +158,11 @@ def _run_bounded(remote: Any, tasks: list[ShardTask], writer: WriterSettings, ma
                 submit()
                 yield record, error, task
     finally:
-        for ref in pending:  # interrupted: stop what is still running; its shards are atomic
-            ray.cancel(ref, force=False)
+        if pending:  # interrupted: stop what is still running (its shards are atomic either way)
+            for ref in pending:
+                ray.cancel(ref, force=False)
+            # let them settle, so that nothing of this build still writes once it returns
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
 
 
 def _report(
