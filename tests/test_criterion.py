@@ -1,6 +1,7 @@
 import json
 import math
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -368,3 +369,47 @@ def test_num_boxes_all_reduced_over_ranks(tmp_path):
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [r["num_boxes"] for r in results] == [2.0, 2.0]
     assert all(r["ratio"] == pytest.approx(0.5) for r in results)
+
+
+# -- against the official SetCriterion ------------------------------------------------------
+
+OFFICIAL_LOSSES = Path(__file__).resolve().parent / "data" / "official_criterion_losses.json"
+
+
+def official_case(seed: int) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """Outputs of a 3-decoder-layer model (12 queries, 7 classes, 2 denoising groups of 6)
+    and targets with 3, 0 and 2 boxes; the inputs of tests/data/official_criterion_losses.json."""
+    classes, queries, layers, sizes, groups, single_pad = 7, 12, 3, [3, 0, 2], 2, 6
+    g = torch.Generator().manual_seed(seed)
+
+    def boxes(*lead):
+        return torch.cat([torch.rand(*lead, 2, generator=g) * 0.6 + 0.2,
+                          torch.rand(*lead, 2, generator=g) * 0.4 + 0.02], -1)
+
+    def head(q):
+        logits = (torch.randn(len(sizes), q, classes, generator=g) * 2).requires_grad_()
+        return {"pred_logits": logits, "pred_boxes": boxes(len(sizes), q).requires_grad_()}
+
+    outputs = head(queries)
+    outputs["aux_outputs"] = [head(queries) for _ in range(layers - 1)]
+    outputs["enc_outputs"] = head(queries)
+    outputs["dn_outputs"] = [head(groups * single_pad) for _ in range(layers)]
+    outputs["dn_meta"] = {"pad_size": groups * single_pad, "num_groups": groups, "single_pad": single_pad}
+    targets = [{"labels": torch.randint(0, classes, (n,), generator=g), "boxes": boxes(n)} for n in sizes]
+    return outputs, targets
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_term_equals_the_official_criterion(seed):
+    """The official SetCriterion's terms on `official_case(seed)`, recorded by running the
+    official code on CPU (see the file's "provenance"); its `_interm` terms are our `_enc`."""
+    recorded = json.loads(OFFICIAL_LOSSES.read_text())
+    outputs, targets = official_case(seed)
+    criterion = build_criterion(ModelConfig(num_classes=7, dec_layers=3))
+    official_weights = {k.replace("_interm", "_enc"): v for k, v in recorded["weight_dict"].items()}
+    assert criterion.weight_dict == official_weights
+    out = criterion(outputs, targets)
+    expected = {k.replace("_interm", "_enc"): v for k, v in recorded["losses"][str(seed)].items()}
+    assert set(out) == set(expected)
+    for name, value in expected.items():
+        assert out[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), name
