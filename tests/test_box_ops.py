@@ -88,7 +88,7 @@ def test_inverted_boxes_rejected():
     with pytest.raises(ValueError, match="degenerate"):
         box_ops.generalized_box_iou(bad, good)
     with pytest.raises(ValueError, match="degenerate"):
-        box_ops.paired_generalized_box_iou(good, torch.tensor([[float("nan")] * 4]))
+        box_ops.paired_generalized_box_iou(good, bad)
     with pytest.raises(ValueError, match="shape"):
         box_ops.paired_generalized_box_iou(good, torch.zeros(2, 4))
 
@@ -98,3 +98,11 @@ def test_giou_gradient_flows():
     b = torch.tensor([[0.3, 0.2, 0.9, 0.8]])
     (1 - box_ops.paired_generalized_box_iou(a, b)).sum().backward()
     assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+
+
+def test_nan_boxes_propagate_instead_of_raising():
+    # a diverged prediction gives a NaN loss for the trainer to skip, not an exception
+    nan = torch.tensor([[float("nan")] * 4])
+    good = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert torch.isnan(box_ops.paired_generalized_box_iou(good, nan)).all()
+    assert torch.isnan(box_ops.generalized_box_iou(nan, good)).all()

@@ -287,6 +287,15 @@ def test_zero_box_images_give_finite_losses_and_gradients(sizes, dn):
         assert out["class_error"] == 100
 
 
+def test_nan_predictions_give_a_nan_loss_not_an_exception():
+    outputs = make_outputs(2, 6, [2, 1], seed=9)
+    with torch.no_grad():
+        outputs["pred_boxes"][0, 0] = float("nan")
+        outputs["aux_outputs"][0]["pred_logits"][1, 2, 3] = float("nan")
+    out = build_criterion(small_cfg())(outputs, make_targets([2, 1], seed=9))
+    assert not torch.isfinite(out["loss"])
+
+
 def test_bad_targets_are_clear_errors():
     criterion = build_criterion(small_cfg())
     outputs = make_outputs(1, 6, [2], dn=False)

@@ -34,15 +34,14 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def check_xyxy(boxes: torch.Tensor, name: str = "boxes") -> None:
-    """Raise ValueError unless every box has x1 >= x0 and y1 >= y0 (no NaN either)."""
+    """Raise ValueError if a box has x1 < x0 or y1 < y0 (GIoU is undefined there).
+
+    NaN passes: non-finite predictions make a non-finite loss, which the trainer handles.
+    """
     if boxes.shape[-1] != 4:
         raise ValueError(f"{name}: expected [..., 4] boxes, got shape {tuple(boxes.shape)}")
-    valid = (boxes[..., 2:] >= boxes[..., :2]).all()
-    if not bool(valid):
-        raise ValueError(
-            f"{name}: degenerate xyxy boxes (x1 < x0, y1 < y0 or NaN); "
-            "GIoU is undefined for them"
-        )
+    if bool((boxes[..., 2:] < boxes[..., :2]).any()):
+        raise ValueError(f"{name}: degenerate xyxy boxes (x1 < x0 or y1 < y0); GIoU is undefined for them")
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +60,7 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
     """Pairwise generalised IoU (Rezatofighi et al. 2019) of xyxy boxes [N, 4] x [M, 4] -> [N, M].
 
     GIoU = IoU - (|C| - |A u B|) / |C|, C the smallest box enclosing A and B; in [-1, 1].
-    Raises ValueError on degenerate boxes.
+    Raises ValueError on inverted boxes.
     """
     check_xyxy(boxes1, "boxes1")
     check_xyxy(boxes2, "boxes2")
@@ -89,7 +88,7 @@ def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> to
     """GIoU of row pairs of xyxy boxes [N, 4], [N, 4] -> [N].
 
     Equals `generalized_box_iou(boxes1, boxes2).diagonal()` (the official loss's form) with
-    O(N) memory instead of O(N^2). Raises ValueError on degenerate boxes.
+    O(N) memory instead of O(N^2). Raises ValueError on inverted boxes.
     """
     check_xyxy(boxes1, "boxes1")
     check_xyxy(boxes2, "boxes2")

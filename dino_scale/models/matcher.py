@@ -25,6 +25,8 @@ from dino_scale.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 # increasing.
 MatchIndices = list[tuple[torch.Tensor, torch.Tensor]]
 
+_NON_FINITE_COST = 1e8
+
 
 def focal_class_cost(
     prob: torch.Tensor, labels: torch.Tensor, alpha: float, gamma: float
@@ -96,8 +98,10 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             return [(empty, empty) for _ in targets]
         cost = self.cost_matrix(pred_logits, pred_boxes, targets).cpu()
-        if not torch.isfinite(cost).all():
-            raise ValueError("matching cost is not finite: the predictions contain NaN or inf")
+        # NaN / inf predictions (a diverging step): match anyway; the loss comes out non-finite
+        # and the trainer skips the step on every rank, where raising here would leave the
+        # other ranks waiting in a collective
+        cost = torch.nan_to_num(cost, nan=_NON_FINITE_COST, posinf=_NON_FINITE_COST, neginf=-_NON_FINITE_COST)
         indices: MatchIndices = []
         for image, block in enumerate(cost.split(sizes, dim=-1)):
             if sizes[image] == 0:
