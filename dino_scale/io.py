@@ -31,6 +31,9 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Any], Any]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; published files get the usual umask-derived mode so readers
+        # under other uids (loader pods, Ray workers) can open them.
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -43,6 +46,12 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Any], Any]) -> N
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
