@@ -98,6 +98,7 @@ class Trainer:
         self.train_seconds = 0.0
         self._loader: Any = None
         self._loader_epoch = -1
+        self._iterator: Any = None
 
     # ---------------------------------------------------------------- set-up
 
@@ -282,7 +283,10 @@ class Trainer:
             self._loader, self._loader_epoch = loader, self.epoch
             rank_state = None
             self.metrics.epoch.set(self.epoch)
-            outcome = self._train_epoch(loader)
+            try:
+                outcome = self._train_epoch(loader)
+            finally:
+                self._close_iterator()
             if outcome == "preempted":
                 preempted = True
                 break
@@ -305,7 +309,7 @@ class Trainer:
     def _train_epoch(self, loader: Any) -> str:
         """Returns "epoch_end", "done" (step budget reached) or "preempted"."""
         cfg = self.cfg
-        iterator = iter(loader)
+        iterator = self._iterator = iter(loader)
         engine = self.engine
         while True:
             if self._done():
@@ -356,13 +360,20 @@ class Trainer:
             self.consecutive_skipped = 0
             self.step += 1
             self.metrics.steps.inc()
-            if hasattr(loader, "stats"):
-                self.metrics.observe_data(loader.stats())
             self._log_step(losses, step_seconds, data_wait, images.shape[0])
             if self.step % cfg.train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
             if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0:
                 self._evaluate_and_track()
+
+    def _close_iterator(self) -> None:
+        """Stop the loader's workers now. After an exception the traceback would keep them
+        alive until exit, where the interpreter waits for them: they block SIGTERM, so the
+        rank (and the job) would hang instead of failing."""
+        close = getattr(self._iterator, "close", None)
+        self._iterator = None
+        if close is not None:
+            close()
 
     def _skip(self, why: str) -> None:
         self.skipped_total += 1
