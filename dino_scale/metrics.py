@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import resource
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -65,6 +65,12 @@ class TrainingMetrics:
         self.eval_ap = Gauge("dino_eval_ap", "COCO AP (0-1) of the last evaluation",
                              ["metric"], registry=r)
         self.epoch = Gauge("dino_epoch", "Current epoch", registry=r)
+        self.data_samples_read = Gauge("dino_data_samples_read",
+                                       "Samples this rank's loader read in the current epoch (good or bad)",
+                                       registry=r)
+        self.data_skipped_samples = Gauge("dino_data_skipped_samples",
+                                          "Corrupt samples this rank's loader skipped in the current epoch",
+                                          ["reason"], registry=r)
         self.rss_bytes = Gauge("dino_process_resident_memory_bytes", "Resident set size of this rank",
                                registry=r)
         self.cuda_allocated_bytes = Gauge("dino_cuda_memory_allocated_bytes",
@@ -111,6 +117,13 @@ class TrainingMetrics:
         if step_seconds > 0:
             self.images_per_second.set(images / step_seconds)
         self.observe_memory()
+
+    def observe_data(self, stats: Mapping[str, Any]) -> None:
+        """The loader's `stats()`: samples read and skipped (by reason) this epoch."""
+        self.data_samples_read.set(stats["samples_read"])
+        self.data_skipped_samples.clear()  # a new epoch starts its counts again
+        for reason, count in stats["reasons"].items():
+            self.data_skipped_samples.labels(reason=reason).set(count)
 
     def observe_memory(self) -> None:
         self.rss_bytes.set(_rss_bytes())

@@ -360,6 +360,8 @@ class Trainer:
             self.consecutive_skipped = 0
             self.step += 1
             self.metrics.steps.inc()
+            if hasattr(loader, "stats"):
+                self.metrics.observe_data(loader.stats())
             self._log_step(losses, step_seconds, data_wait, images.shape[0])
             if self.step % cfg.train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
