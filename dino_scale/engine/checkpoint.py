@@ -16,6 +16,7 @@ kept; older ones (and incomplete ones older than the newest complete) are remove
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -111,6 +112,37 @@ def read_complete_marker(ckpt_dir: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds pickled objects other than tensors and DeepSpeed's state."""
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The plain classes DeepSpeed pickles into its optimizer-state files (ZeRO 1-3, fp32/bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed checkpoint-engine `load` with weights_only=True: a tampered checkpoint
+    cannot run code on resume."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds pickled objects other than tensors and DeepSpeed's "
+            f"training state, which could run code ({_unpickler_reason(exc)})"
+        ) from None
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    lines = str(exc).splitlines()
+    return next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")[:300]
+
+
 class CheckpointManager:
     """Saves and restores DeepSpeed training checkpoints with per-rank state."""
 
@@ -154,6 +186,7 @@ class CheckpointManager:
                 "weights only (optimizer state and data position start fresh)",
                 directory, marker.get("world_size"), dist_utils.world_size(),
             )
+        engine.checkpoint_engine.load = _load_weights_only  # DeepSpeed's own unpickles anything
         _, client_state = engine.load_checkpoint(
             str(self.root), tag=directory.name, load_module_only=not same_world,
             load_optimizer_states=same_world, load_lr_scheduler_states=False,
