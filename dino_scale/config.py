@@ -254,9 +254,29 @@ def build_config(tree: dict[str, Any], sources: dict[str, str] | None = None) ->
     return _to_dataclass(Config, tree, prefix="", sources=sources or {})
 
 
+# storage-option names (fsspec/s3fs/botocore) whose values are credentials
+SECRET_OPTION_KEYS = frozenset({
+    "key", "secret", "token", "password", "access_key", "secret_key", "session_token",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+})
+REDACTED = "<redacted>"
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config (YAML/JSON serialisable)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a config (YAML/JSON serialisable). Credentials in
+    `storage_options` are replaced by "<redacted>": this dict is what gets saved
+    (config.yaml, checkpoints, exports)."""
+    return _redact_storage_options(dataclasses.asdict(cfg), inside=False)
+
+
+def _redact_storage_options(value: Any, inside: bool) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if inside and k in SECRET_OPTION_KEYS and v is not None
+                else _redact_storage_options(v, inside or k == "storage_options")
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_storage_options(v, inside) for v in value]
+    return value
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
