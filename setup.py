@@ -57,7 +57,8 @@ def _pip_cuda_include_dirs() -> list[str]:
 
 def extension_kwargs(with_cuda: bool) -> dict:
     """Sources and compiler flags of the extension."""
-    sources = [str(OPS / "msda_library.cpp"), str(OPS / "msda_cpu.cpp")]
+    # setuptools wants source paths relative to setup.py.
+    sources = ["ops/msda_library.cpp", "ops/msda_cpu.cpp"]
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
     kwargs: dict = {
         "sources": sources,
@@ -66,7 +67,7 @@ def extension_kwargs(with_cuda: bool) -> dict:
         "extra_link_args": ["-fopenmp"],
     }
     if with_cuda:
-        sources.append(str(OPS / "msda_cuda.cu"))
+        sources.append("ops/msda_cuda.cu")
         kwargs["include_dirs"] += _pip_cuda_include_dirs()
         kwargs["extra_compile_args"]["nvcc"] = ["-O3"]
     return kwargs
@@ -79,7 +80,7 @@ def _ext_modules() -> tuple[list, dict]:
     with_cuda = _want_cuda()
     kwargs = extension_kwargs(with_cuda)
     make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
-    ext = make(name="dino_scale.ops._C", **kwargs)
+    ext = make(name="dino_scale.ops._C", depends=[str(p.relative_to(ROOT)) for p in OPS.glob("*.h")], **kwargs)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

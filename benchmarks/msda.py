@@ -212,7 +212,8 @@ def work(shape: Shape) -> dict[str, dict[str, float]]:
     loc_attn = n * lq * m * nl * p * 3 * 4
     out = n * lq * m * d * 4
     fwd["dram"] = value + loc_attn + out
-    bwd["dram"] = 2 * value + 2 * loc_attn + out + value + loc_attn  # reads + grads written
+    # reads value, locations, weights and grad_out; writes their three gradients
+    bwd["dram"] = 2 * value + 2 * loc_attn + out
     return {"fwd": fwd, "fwd+bwd": {k: fwd[k] + bwd[k] for k in fwd}}
 
 

@@ -77,7 +77,6 @@ MSDA_TARGET void backward_range(const BackwardArgs<scalar_t>& args, int64_t begi
   std::vector<acc_t> grad_row(D);
   const scalar_t* outside_value = value_block.data() + S * D;
   acc_t* outside_grad = grad_block.data() + S * D;
-  const int64_t query_stride = M * L * P;  // between the samples of consecutive queries
   constexpr int64_t kPrefetchQueries = 4;
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / M, m = nm % M;
