@@ -39,6 +39,10 @@ def _jit_build(reason: str) -> str | None:
         return "JIT build disabled by DINO_SCALE_MSDA_JIT=0"
     if not (SOURCE_DIR / "msda_cpu.cpp").exists():
         return f"no native sources at {SOURCE_DIR} to JIT-build"
+    # As in setup.py: torch reads CUDA_HOME when cpp_extension is first imported and would
+    # otherwise guess /usr/local from a /usr/local/bin/nvcc wrapper.
+    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     from torch.utils import cpp_extension
 
     sources = [SOURCE_DIR / "msda_library.cpp", SOURCE_DIR / "msda_cpu.cpp"]
