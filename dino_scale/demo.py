@@ -32,8 +32,10 @@ log = get_logger("dino_scale.demo")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict[str, str]:
+def _env(num_ranks: int = 2) -> dict[str, str]:
     env = dict(os.environ)
+    # one rank per core: torch's default (all cores per process) oversubscribes the CPU
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_ranks)))
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("DINO_NO_PROGRESS", "1")
