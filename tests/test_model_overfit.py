@@ -123,26 +123,32 @@ def test_small_dino_overfits_real_coco_images(coco_mini):
     model, criterion = build_dino(cfg).train(), build_criterion(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=1e-4)
-    history = []
+    totals, matching = [], []
     for _ in range(STEPS):
-        loss = criterion(model(images, masks, targets), targets)["loss"]
+        losses = criterion(model(images, masks, targets), targets)
         optimizer.zero_grad()
-        loss.backward()
+        losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        history.append(loss.item())
-    first, last = history[0], sum(history[-5:]) / 5
-    assert last < first / 5, f"loss fell only from {first:.2f} to {last:.2f}"
+        totals.append(losses["loss"].item())
+        # the final layer's matching-query terms, weighted; the total also holds the
+        # denoising terms, whose noise is drawn afresh every step and never fits exactly
+        matching.append(sum(criterion.weight_dict[k] * losses[k].item() for k in ("loss_ce", "loss_bbox", "loss_giou")))
+    total_end, matching_end = sum(totals[-5:]) / 5, sum(matching[-5:]) / 5
+    assert total_end < totals[0] / 4, f"total loss fell only from {totals[0]:.2f} to {total_end:.2f}"
+    assert matching_end < matching[0] / 10, f"final-layer loss fell only from {matching[0]:.2f} to {matching_end:.2f}"
 
     model.eval()
     with torch.no_grad():
         detections = PostProcess(cfg.num_select)(model(images, masks), torch.ones(len(targets), 2))
     for image_id, dets, target in zip(IMAGE_IDS, detections, targets):
-        found = recovered(dets, target, min_iou=0.5)
-        assert all(found), f"image {image_id}: ground truth {target} not recovered: {found}"
+        top = {k: v[:TOP_K] for k, v in dets.items()}
+        found = recovered(top, target, min_iou=0.5)
+        assert all(found), f"image {image_id}: ground truth {target} not among the top {TOP_K}: {found}, {top}"
 
 
 # two coco-mini images: a bear (1 box); a person beside a motorcycle (2 boxes)
 IMAGE_IDS = [249346, 84533]
-STEPS = 240
+STEPS = 120  # measured: total loss / 5.5, final-layer loss / 40, every box found by step 60
 LR = 4e-4
+TOP_K = 5
