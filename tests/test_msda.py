@@ -92,6 +92,7 @@ GRADCHECK_CASES = {
     "one-level": dict(levels=((6, 4),), points=4, channels=2),
     "outside-the-map": dict(margin=1.0, channels=2),
     "single-query": dict(queries=1, batch=1),
+    "empty-batch": dict(batch=0),
     "wide-static-channels": dict(channels=16, heads=1, queries=2, batch=1),
 }
 
