@@ -132,6 +132,7 @@ def build_eval_loader(
     return DataLoader(
         dataset, batch_size=batch_size, sampler=rank_indices(len(dataset), rank, world_size),
         collate_fn=collate, num_workers=workers, pin_memory=cfg.pin_memory, **extra,
+        generator=torch.Generator().manual_seed(0),  # not the global RNG: see loader._data_loader
     )
 
 

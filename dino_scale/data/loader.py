@@ -169,7 +169,12 @@ def _data_loader(dataset: torch.utils.data.Dataset, cfg: Any, **kwargs: Any) -> 
     extra: dict[str, Any] = {}
     if workers > 0:
         extra = {"multiprocessing_context": cfg.multiprocessing_context, "prefetch_factor": cfg.prefetch_factor}
-    return DataLoader(dataset, num_workers=workers, pin_memory=cfg.pin_memory, **extra, **kwargs)
+    # Each iterator draws the workers' base seed from this generator. From the global RNG
+    # (the default) it would shift the trainer's random stream (denoising noise, dropout) by
+    # one draw per iterator, so a run resumed mid-epoch would diverge from an uninterrupted
+    # one. Augmentation is seeded per sample; the base seed only has to be fixed.
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(dataset, num_workers=workers, pin_memory=cfg.pin_memory, generator=generator, **extra, **kwargs)
 
 
 class CocoTrainLoader:
