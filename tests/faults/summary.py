@@ -22,9 +22,9 @@ def record(case: str, *, faults_injected: int, samples_checked: int, data_lost: 
         cases = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         cases = {}
+    cases.pop("_totals", None)
     cases[case] = {"faults_injected": faults_injected, "samples_checked": samples_checked,
                    "data_lost": data_lost, **details}
     totals = {k: sum(c[k] for c in cases.values()) for k in ("faults_injected", "samples_checked", "data_lost")}
-    cases.pop("_totals", None)
     atomic_write_text(path, json.dumps({**dict(sorted(cases.items())), "_totals": {"cases": len(cases), **totals}},
                                        indent=1))
