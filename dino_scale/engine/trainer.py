@@ -23,6 +23,7 @@ import dataclasses
 import json
 import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -253,6 +254,9 @@ class Trainer:
         try:
             self._build()
             return self._run()
+        except BaseException as exc:
+            release_frames(exc)
+            raise
         finally:
             self.metrics_shutdown()
             if signal.SIGTERM in signal.sigpending():
@@ -471,6 +475,20 @@ class Trainer:
             summary["images_per_second"] = images_all / self.train_seconds if self.train_seconds else None
             atomic_write_text(self.output_dir / "train_summary.json", json.dumps(summary, indent=2))
         return result
+
+
+def release_frames(exc: BaseException | None) -> None:
+    """Drop the local variables of the frames `exc` (and its causes) went through.
+
+    A DataLoader iterator that re-raises a worker's error is in that error's traceback (as
+    `self`), and the traceback lives until the interpreter exits. Its workers block SIGTERM,
+    so the interpreter, waiting for them at exit, would hang the rank instead of failing.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # skips frames still running
+        exc = exc.__cause__ or exc.__context__
 
 
 def prepare_for_zero3(model: nn.Module) -> None:
