@@ -101,7 +101,7 @@ def _contrasting_color(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def generate_split(out_dir: Path, classes: list[str], num_images: int, seed: int, *,
-                   image_size: int = 160, max_objects: int = 4, min_radius: int = 10,
+                   image_size: int = 128, max_objects: int = 3, min_radius: int = 12,
                    max_radius: int = 30, first_image_id: int = 1) -> DemoSplit:
     """Write `num_images` JPEGs under `out_dir/images` and `out_dir/annotations.json`."""
     rng = np.random.default_rng(seed)
@@ -155,7 +155,7 @@ def _iou(a: list[float], b: list[float]) -> float:
 
 
 def generate_demo_data(root: str | Path, *, pretrain_images: int = 600, finetune_train_images: int = 300,
-                       val_images: int = 100, image_size: int = 160, seed: int = 0) -> dict[str, DemoSplit]:
+                       val_images: int = 100, image_size: int = 128, seed: int = 0) -> dict[str, DemoSplit]:
     """The three splits under `root`: pretrain/, finetune_train/, finetune_val/."""
     root = Path(root)
     common: dict[str, Any] = {"image_size": image_size}
