@@ -36,7 +36,13 @@ from dino_scale.log import get_logger, progress, setup_logging
 log = get_logger("data_pipeline.build_shards")
 
 REPORT_NAME = "build_report.json"
-TRANSIENT_ERRORS = [OSError, TimeoutError]
+TRANSIENT_ERRORS: list[type[BaseException]] = [OSError, TimeoutError]
+try:  # s3fs's client: "could not connect" / "connection closed" are not OSErrors there
+    from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+
+    TRANSIENT_ERRORS += [BotoConnectionError, HTTPClientError]
+except ImportError:  # no S3 support installed
+    pass
 CANCEL_WAIT_S = 30.0
 
 
