@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dino_scale.engine.checkpoint import COMPLETE_MARKER, latest_complete, list_checkpoints
@@ -41,7 +43,7 @@ def _args(out: Path, shards: Path, *extra: str) -> list[str]:
     return [*small_overrides(out), f"data.train_shards={shards}", "data.max_bad_fraction=0.5",
             "data.min_samples_for_bad_fraction=4", f"optim.max_steps={MAX_STEPS}", "optim.warmup_steps=0",
             "train.checkpoint_every_steps=2", "train.keep_last_checkpoints=5", "train.export_at_end=false",
-            "deepspeed.zero_stage=2", *extra]
+            "deepspeed.zero_stage=2", "model.msda_impl=reference", *extra]
 
 
 def _logged(out: Path) -> list[tuple[int, float]]:
@@ -104,9 +106,9 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
     assert run.returncode != 0, run.output[-4000:]
     assert f"resumed from {out / 'checkpoints' / 'step_2'}: step 2" in run.output
 
-    # 4. preemption (SIGTERM to the launcher) while rank 0 is inside step 5: the ranks finish
-    # the step and write checkpoint step_5 before exiting (resuming from a preemption
-    # checkpoint is also covered by tests/test_launch_training.py)
+    # 4. preemption while rank 0 is inside step 5, as Kubernetes does it: SIGTERM to the pod's
+    # PID 1 (k8s/scripts/deepspeed_node.py), which forwards it to the ranks; they finish the
+    # step and write checkpoint step_5 before exiting
     flag, release = tmp_path / "held4", tmp_path / "release4"
 
     def preempt(proc):
@@ -116,9 +118,10 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
         outcomes["sigterm_exit_seconds"] = exit_within(proc, 120)
 
     run = launch(args, tmp_path / "rec4", tmp_path / "run4.log", {"hold": {"rank": 0, "call": 0, "flag": str(flag),
-                                                                          "release": str(release)}}, during=preempt)
+                                                                          "release": str(release)}}, during=preempt,
+                 pod=True)
     assert f"resumed from {out / 'checkpoints' / 'step_4'}: step 4" in run.output, run.output[-4000:]
-    assert "stop requested (SIGTERM)" in run.output and run.returncode != 0
+    assert "stop requested (SIGTERM)" in run.output and run.returncode == 128 + signal.SIGTERM, run.output[-4000:]
     assert _complete_steps(out) == [2, 4, 5]
 
     logged = _logged(out)
@@ -131,3 +134,65 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
            steps_logged=len(logged), steps_replayed=len(logged) - 5, reference_samples_read=int(samples_read),
            corrupt_samples_skipped=int(sum(sum(s.values()) for s in skipped.values())),
            **{k: round(v, 1) for k, v in outcomes.items()})
+
+
+def test_nan_losses_are_skipped_then_persistent_nans_stop_the_job(shards, tmp_path):
+    """NaN on rank 1 only: both ranks skip the step (one collective decision), weights
+    untouched; 3 NaNs in a row stop the job with a clear error. The run also carries
+    secret-looking storage credentials as command-line overrides: none may be written out."""
+    shard_dir, _ = shards
+    out = tmp_path / "out"
+    key_id, secret = "AKIAFAULTNANRUN00001", "nan-run-SECRET-must-not-be-written-0123"
+    args = _args(out, shard_dir, "optim.max_steps=10", "optim.max_consecutive_skipped_steps=3",
+                 f"data.storage_options={{key: {key_id}, secret: {secret}}}")
+    run = launch(args, tmp_path / "rec", tmp_path / "nan.log", {"nan": {"rank": 1, "calls": [1], "from": 4}})
+    assert run.returncode != 0, run.output[-4000:]
+    assert "NonFiniteLossError: 3 consecutive steps skipped" in run.output, run.output[-4000:]
+
+    calls = {rank: run.criterion_records(rank) for rank in (0, 1)}
+    assert [r["call"] for r in calls[0]] == list(range(7)) == [r["call"] for r in calls[1]]
+    assert [r["injected"] for r in calls[1]] == [False, True, False, False, True, True, True]
+    assert all(r["loss_finite"] and not r["injected"] for r in calls[0])  # rank 0 saw finite losses only
+    digests = [r["params_sha256"] for r in calls[0]]
+    assert [r["params_sha256"] for r in calls[1]] == digests  # replicas stay identical
+    assert all(r["params_finite"] for rank in (0, 1) for r in calls[rank])
+    assert digests[2] == digests[1]  # the skipped step changed nothing ...
+    assert digests[3] != digests[2] and digests[4] != digests[3]  # ... and training went on
+    assert digests[4] == digests[5] == digests[6]  # persistent NaNs: never applied
+    for rank in (0, 1):
+        metrics = run.metrics(rank)
+        assert metrics["dino_skipped_steps_total"] == 4 and metrics["dino_steps_total"] == 3
+    assert [s for s, _ in _logged(out)] == [1, 2, 3] and all(math.isfinite(v) for _, v in _logged(out))
+    assert _complete_steps(out) == [2]
+
+    leaks = [str(p) for p in [*out.rglob("*"), *run.record_dir.rglob("*")]
+             if p.is_file() and (key_id.encode() in p.read_bytes() or secret.encode() in p.read_bytes())]
+    assert not leaks, leaks
+    # only DeepSpeed's launcher echoes its command line (overrides included): training
+    # credentials belong in the environment (AWS_*), not in overrides
+    echoed = re.compile(r"\[(runner|launch)\.py:\d+:(main|sigkill_handler)\] (cmd = |process \d+ spawned with command|\[)")
+    lines = [line for line in run.output.splitlines() if key_id in line or secret in line]
+    assert lines and all(echoed.search(line) for line in lines), [l for l in lines if not echoed.search(l)]
+    scanned = sum(1 for p in out.rglob("*") if p.is_file())
+    record("nan_loss", faults_injected=4, samples_checked=3 * BATCH_PER_STEP, data_lost=0, skipped_steps=4,
+           files_scanned_for_credentials=scanned)
+
+
+def test_too_much_corrupt_data_stops_training_with_a_clear_error(shards, tmp_path):
+    """In-process (one rank): the trainer stops on the loader's BadDataError instead of
+    training on garbage, and leaves no loader worker behind."""
+    from dino_scale.config import load_config
+    from dino_scale.data import BadDataError
+    from dino_scale.engine import train
+
+    shard_dir, damaged = shards
+    cfg = load_config("configs/demo/pretrain.yaml", [*_args(tmp_path / "out", shard_dir), "data.max_bad_fraction=0.02",
+                                                    "data.min_samples_for_bad_fraction=4"])
+    children_before = set(psutil.Process().children(recursive=True))
+    with pytest.raises(BadDataError, match=r"more than data.max_bad_fraction=2.00%"):
+        train(cfg)
+    leftover = [p for p in set(psutil.Process().children(recursive=True)) - children_before if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+    assert not leftover, leftover
+    assert not _complete_steps(tmp_path / "out") or max(_complete_steps(tmp_path / "out")) < MAX_STEPS
+    record("bad_data_fraction", faults_injected=sum(damaged.values()), samples_checked=0, data_lost=0)

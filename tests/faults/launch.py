@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +38,22 @@ class Run:
 
 
 def launch(args: list[str], record_dir: Path, log_path: Path, faults: dict[str, Any] | None = None,
-           during: Callable[[subprocess.Popen], None] | None = None, timeout: float = 300) -> Run:
+           during: Callable[[subprocess.Popen], None] | None = None, timeout: float = 300,
+           pod: bool = False) -> Run:
     """Run the driver with `args` on 2 ranks; `during(proc)` runs while it is alive (it may
-    kill or signal it). The whole process group is killed on timeout or test failure."""
+    kill or signal it). The whole process group is killed on timeout or test failure.
+
+    `pod=True` starts it as a training pod does: `k8s/scripts/deepspeed_node.py` (PID 1 of
+    the pod, which forwards SIGTERM to the ranks) around `deepspeed --no_ssh`. The plain
+    `deepspeed` runner exits on SIGTERM without forwarding it on one node."""
     record_dir.mkdir(parents=True, exist_ok=True)
     e = env()
     e["DINO_FAULTS"] = json.dumps({**(faults or {}), "record_dir": str(record_dir)})
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), DRIVER,
-           "--config", "configs/demo/pretrain.yaml", *args]
+    launcher = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())]
+    if pod:
+        launcher = [sys.executable, "k8s/scripts/deepspeed_node.py", *launcher, "--no_ssh", "--num_nodes", "1",
+                    "--node_rank", "0", "--master_addr", "127.0.0.1", "--hostfile", str(record_dir / "hostfile")]
+    cmd = [*launcher, DRIVER, "--config", "configs/demo/pretrain.yaml", *args]
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT,

@@ -121,6 +121,8 @@ def _install_criterion_faults() -> None:
                 if "model" in captured and _record_dir() is not None:
                     digest, finite = _digest(captured["model"])
                     _RECORDS.append({"call": call, "injected": injected, "params_sha256": digest,
+                                     "image_ids": [int(t["image_id"]) for t in targets],
+                                     "rng_sha256": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
                                     "params_finite": finite,
                                     "loss_finite": bool(torch.isfinite(losses["loss"]).item())})
                 return losses
