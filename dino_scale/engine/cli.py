@@ -65,10 +65,11 @@ def run_training(args: argparse.Namespace) -> int:
     dist_utils.init_distributed()
     if dist_utils.rank() == 0:
         dump_config(cfg, output_dir / "config.yaml")
-    try:
-        result = train(cfg)
-    finally:
-        dist_utils.shutdown()
+    # No barrier when training failed: a rank that fails alone (bad data, disk full) would
+    # wait in it for ranks that wait in their next collective for it, and the job would
+    # hang; exiting lets the launcher stop the others.
+    result = train(cfg)
+    dist_utils.shutdown()
     if result.preempted:
         log.warning("stopped by SIGTERM at step %d; rerun the same command to resume", result.step)
         return PREEMPTED_EXIT_CODE
