@@ -196,3 +196,17 @@ def test_too_much_corrupt_data_stops_training_with_a_clear_error(shards, tmp_pat
     assert not leftover, leftover
     assert not _complete_steps(tmp_path / "out") or max(_complete_steps(tmp_path / "out")) < MAX_STEPS
     record("bad_data_fraction", faults_injected=sum(damaged.values()), samples_checked=0, data_lost=0)
+
+
+def test_corrupt_data_on_one_rank_stops_the_whole_job_promptly(shards, tmp_path):
+    """2 ranks: rank 1 passes data.max_bad_fraction while rank 0 waits for it in the next
+    per-step collective; the job must end with the error, not hang."""
+    shard_dir, damaged = shards
+    out = tmp_path / "out"
+    run = launch(_args(out, shard_dir, "data.max_bad_fraction=0.02", "data.min_samples_for_bad_fraction=4"),
+                 tmp_path / "rec", tmp_path / "bad.log", timeout=150)
+    assert run.returncode != 0, run.output[-4000:]
+    assert "BadDataError" in run.output and "more than data.max_bad_fraction=2.00%" in run.output, run.output[-4000:]
+    record("bad_data_fraction_2_ranks", faults_injected=sum(damaged.values()), samples_checked=0, data_lost=0,
+           exit_seconds=round(run.seconds, 1))
+
