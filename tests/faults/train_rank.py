@@ -6,8 +6,8 @@ the library carries no test hooks. `DINO_FAULTS` (JSON) selects them; every key 
 
 - `"record_dir"`: write `rank<r>.pid` at start and, when the trainer shuts its metrics down,
   `rank<r>.metrics.prom` (the rank's Prometheus registry, text format) and
-  `rank<r>.criterion.jsonl` (per criterion call: loss finite?, injected?, parameter digest,
-  all parameters finite?).
+  `rank<r>.criterion.jsonl` (per criterion call: loss finite?, injected?, image ids, digests
+  of the parameters and of the torch RNG state, all parameters finite?).
 - `"enospc_in_save": {"step": N, "rank": r}`: DeepSpeed's `torch.save` of checkpoint
   `step_N` on rank r writes half of the file, then fails with ENOSPC (disk full).
 - `"kill_in_save": {"step": N, "rank": r}`: rank r SIGKILLs itself while saving `step_N`,
