@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dino_scale.config import dump_config, load_config
 from dino_scale.engine.checkpoint import COMPLETE_MARKER, latest_complete, list_checkpoints
 from faults.launch import exit_within, launch, wait_for
 from faults.shards import corrupt_copy
@@ -37,6 +38,15 @@ def shards(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     data = tiny_demo_data(tmp_path_factory.getbasetemp())
     bad = tmp_path_factory.mktemp("faults_training") / "corrupt_shards"
     return bad, corrupt_copy(data["pretrain_shards"], bad)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    """The demo pretraining config, resolved once: every run of a case trains the same model
+    with the same settings even if configs/demo changes meanwhile."""
+    path = tmp_path_factory.mktemp("faults_config") / "pretrain.yaml"
+    dump_config(load_config("configs/demo/pretrain.yaml"), path)
+    return path
 
 
 def _args(out: Path, shards: Path, *extra: str) -> list[str]:
@@ -57,10 +67,10 @@ def _complete_steps(out: Path) -> list[int]:
     return [s for s, _ in list_checkpoints(out / "checkpoints")]
 
 
-def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shards, tmp_path):
+def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shards, config, tmp_path):
     shard_dir, damaged = shards
     ref = tmp_path / "reference"
-    run = launch(_args(ref, shard_dir), tmp_path / "rec_ref", tmp_path / "reference.log")
+    run = launch(_args(ref, shard_dir), tmp_path / "rec_ref", tmp_path / "reference.log", config=config)
     assert run.returncode == 0, run.output[-4000:]
     reference = dict(_logged(ref))
     assert sorted(reference) == list(range(1, MAX_STEPS + 1))
@@ -78,14 +88,14 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
     outcomes = {}
 
     # 1. disk full while rank 0 writes checkpoint step_4: the job stops, step_2 stays the resume point
-    run = launch(args, tmp_path / "rec1", tmp_path / "run1.log", {"enospc_in_save": {"step": 4, "rank": 0}})
+    run = launch(args, tmp_path / "rec1", tmp_path / "run1.log", {"enospc_in_save": {"step": 4, "rank": 0}}, config=config)
     assert run.returncode != 0 and "No space left on device" in run.output, run.output[-4000:]
     assert _complete_steps(out) == [2] and (out / "checkpoints" / "step_4").is_dir()
     assert not (out / "checkpoints" / "step_4" / COMPLETE_MARKER).exists()
     outcomes["enospc_in_save"] = run.seconds
 
     # 2. rank 1 SIGKILLed half-way through saving step_4 (DeepSpeed files written, no marker)
-    run = launch(args, tmp_path / "rec2", tmp_path / "run2.log", {"kill_in_save": {"step": 4, "rank": 1}})
+    run = launch(args, tmp_path / "rec2", tmp_path / "run2.log", {"kill_in_save": {"step": 4, "rank": 1}}, config=config)
     assert run.returncode != 0, run.output[-4000:]
     assert f"resumed from {out / 'checkpoints' / 'step_2'}: step 2" in run.output
     assert _complete_steps(out) == [2] and any((out / "checkpoints" / "step_4").glob("*.pt"))
@@ -102,7 +112,7 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
         outcomes["sigkill_rank_exit_seconds"] = exit_within(proc, 60)
 
     run = launch(args, rec3, tmp_path / "run3.log", {"hold": {"rank": 1, "call": 2, "flag": str(flag),
-                                                             "release": str(release)}}, during=kill_rank1)
+                                                             "release": str(release)}}, during=kill_rank1, config=config)
     assert run.returncode != 0, run.output[-4000:]
     assert f"resumed from {out / 'checkpoints' / 'step_2'}: step 2" in run.output
 
@@ -119,7 +129,7 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
 
     run = launch(args, tmp_path / "rec4", tmp_path / "run4.log", {"hold": {"rank": 0, "call": 0, "flag": str(flag),
                                                                           "release": str(release)}}, during=preempt,
-                 pod=True)
+                 pod=True, config=config)
     assert f"resumed from {out / 'checkpoints' / 'step_4'}: step 4" in run.output, run.output[-4000:]
     assert "stop requested (SIGTERM)" in run.output and run.returncode == 128 + signal.SIGTERM, run.output[-4000:]
     assert _complete_steps(out) == [2, 4, 5]
@@ -136,7 +146,7 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
            **{k: round(v, 1) for k, v in outcomes.items()})
 
 
-def test_nan_losses_are_skipped_then_persistent_nans_stop_the_job(shards, tmp_path):
+def test_nan_losses_are_skipped_then_persistent_nans_stop_the_job(shards, config, tmp_path):
     """NaN on rank 1 only: both ranks skip the step (one collective decision), weights
     untouched; 3 NaNs in a row stop the job with a clear error. The run also carries
     secret-looking storage credentials as command-line overrides: none may be written out."""
@@ -145,7 +155,7 @@ def test_nan_losses_are_skipped_then_persistent_nans_stop_the_job(shards, tmp_pa
     key_id, secret = "AKIAFAULTNANRUN00001", "nan-run-SECRET-must-not-be-written-0123"
     args = _args(out, shard_dir, "optim.max_steps=10", "optim.max_consecutive_skipped_steps=3",
                  f"data.storage_options={{key: {key_id}, secret: {secret}}}")
-    run = launch(args, tmp_path / "rec", tmp_path / "nan.log", {"nan": {"rank": 1, "calls": [1], "from": 4}})
+    run = launch(args, tmp_path / "rec", tmp_path / "nan.log", {"nan": {"rank": 1, "calls": [1], "from": 4}}, config=config)
     assert run.returncode != 0, run.output[-4000:]
     assert "NonFiniteLossError: 3 consecutive steps skipped" in run.output, run.output[-4000:]
 
@@ -178,15 +188,14 @@ def test_nan_losses_are_skipped_then_persistent_nans_stop_the_job(shards, tmp_pa
            files_scanned_for_credentials=scanned)
 
 
-def test_too_much_corrupt_data_stops_training_with_a_clear_error(shards, tmp_path):
+def test_too_much_corrupt_data_stops_training_with_a_clear_error(shards, config, tmp_path):
     """In-process (one rank): the trainer stops on the loader's BadDataError instead of
     training on garbage, and leaves no loader worker behind."""
-    from dino_scale.config import load_config
     from dino_scale.data import BadDataError
     from dino_scale.engine import train
 
     shard_dir, damaged = shards
-    cfg = load_config("configs/demo/pretrain.yaml", [*_args(tmp_path / "out", shard_dir), "data.max_bad_fraction=0.02",
+    cfg = load_config(config, [*_args(tmp_path / "out", shard_dir), "data.max_bad_fraction=0.02",
                                                     "data.min_samples_for_bad_fraction=4"])
     children_before = set(psutil.Process().children(recursive=True))
     with pytest.raises(BadDataError, match=r"more than data.max_bad_fraction=2.00%"):
@@ -198,13 +207,13 @@ def test_too_much_corrupt_data_stops_training_with_a_clear_error(shards, tmp_pat
     record("bad_data_fraction", faults_injected=sum(damaged.values()), samples_checked=0, data_lost=0)
 
 
-def test_corrupt_data_on_one_rank_stops_the_whole_job_promptly(shards, tmp_path):
+def test_corrupt_data_on_one_rank_stops_the_whole_job_promptly(shards, config, tmp_path):
     """2 ranks: rank 1 passes data.max_bad_fraction while rank 0 waits for it in the next
     per-step collective; the job must end with the error, not hang."""
     shard_dir, damaged = shards
     out = tmp_path / "out"
     run = launch(_args(out, shard_dir, "data.max_bad_fraction=0.02", "data.min_samples_for_bad_fraction=4"),
-                 tmp_path / "rec", tmp_path / "bad.log", timeout=150)
+                 tmp_path / "rec", tmp_path / "bad.log", timeout=150, config=config)
     assert run.returncode != 0, run.output[-4000:]
     assert "BadDataError" in run.output and "more than data.max_bad_fraction=2.00%" in run.output, run.output[-4000:]
     record("bad_data_fraction_2_ranks", faults_injected=sum(damaged.values()), samples_checked=0, data_lost=0,

@@ -39,7 +39,7 @@ class Run:
 
 def launch(args: list[str], record_dir: Path, log_path: Path, faults: dict[str, Any] | None = None,
            during: Callable[[subprocess.Popen], None] | None = None, timeout: float = 300,
-           pod: bool = False) -> Run:
+           pod: bool = False, config: str | Path = "configs/demo/pretrain.yaml") -> Run:
     """Run the driver with `args` on 2 ranks; `during(proc)` runs while it is alive (it may
     kill or signal it). The whole process group is killed on timeout or test failure.
 
@@ -53,7 +53,7 @@ def launch(args: list[str], record_dir: Path, log_path: Path, faults: dict[str, 
     if pod:
         launcher = [sys.executable, "k8s/scripts/deepspeed_node.py", *launcher, "--no_ssh", "--num_nodes", "1",
                     "--node_rank", "0", "--master_addr", "127.0.0.1", "--hostfile", str(record_dir / "hostfile")]
-    cmd = [*launcher, DRIVER, "--config", "configs/demo/pretrain.yaml", *args]
+    cmd = [*launcher, DRIVER, "--config", str(config), *args]
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT,
