@@ -70,7 +70,7 @@ def _run(cmd: list[str], log_path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch/demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="outputs/demo", help="everything goes here (wiped first)")
-    parser.add_argument("--pretrain-images", type=int, default=640)
+    parser.add_argument("--pretrain-images", type=int, default=480)
     parser.add_argument("--finetune-images", type=int, default=400)
     parser.add_argument("--val-images", type=int, default=100)
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="override the config's epochs")
