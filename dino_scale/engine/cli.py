@@ -110,23 +110,23 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
         raise SystemExit("error: data.val_images and data.val_annotations must be set")
     setup_logging()
     dist_utils.init_distributed()
-    try:
-        cfg.model.backbone.pretrained_path = None
-        model = build_dino(cfg.model)
-        load_state_into(model, read_weights(args.checkpoint, args.allow_unsafe_pickle))
-        device = dist_utils.device()
-        model.to(device)
-        loader = build_eval_loader(
-            cfg.data, batch_size=args.batch_size or cfg.deepspeed.micro_batch_per_gpu,
-            rank=dist_utils.rank(), world_size=dist_utils.world_size(),
-        )
-        output = Path(args.output or Path(cfg.paths.output_dir) / "eval" / "evaluate.json")
-        stats = evaluate(model, loader, cfg.data.val_annotations,
-                         postprocess=PostProcess(cfg.model.num_select), device=device,
-                         output_json=output if dist_utils.rank() == 0 else None,
-                         detections_json=args.detections if dist_utils.rank() == 0 else None)
-    finally:
-        dist_utils.shutdown()
+    cfg.model.backbone.pretrained_path = None
+    model = build_dino(cfg.model)
+    load_state_into(model, read_weights(args.checkpoint, args.allow_unsafe_pickle))
+    device = dist_utils.device()
+    model.to(device)
+    loader = build_eval_loader(
+        cfg.data, batch_size=args.batch_size or cfg.deepspeed.micro_batch_per_gpu,
+        rank=dist_utils.rank(), world_size=dist_utils.world_size(),
+    )
+    output = Path(args.output or Path(cfg.paths.output_dir) / "eval" / "evaluate.json")
+    stats = evaluate(model, loader, cfg.data.val_annotations,
+                     postprocess=PostProcess(cfg.model.num_select), device=device,
+                     output_json=output if dist_utils.rank() == 0 else None,
+                     detections_json=args.detections if dist_utils.rank() == 0 else None)
+    # Only on success, as in run_training: a rank failing alone must not wait in a barrier
+    # for ranks blocked in their next collective; exiting lets the launcher stop them.
+    dist_utils.shutdown()
     if dist_utils.rank() == 0:
         print(json.dumps(stats, indent=2))
     return stats
