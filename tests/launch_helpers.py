@@ -25,6 +25,17 @@ def env() -> dict[str, str]:
     return e
 
 
+def run_ok(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `cmd` in the repo; on a non-zero exit fail with the tail of its stderr."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd[:4]))} ... exited {proc.returncode}\n"
+            f"--- stderr (tail) ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
 def tiny_demo_data(base: Path) -> dict[str, Path]:
     """Demo shapes (48 pretraining, 16 fine-tuning, 8 val images of 128 px) and their
     shards; built once per pytest session under `base`."""
@@ -42,11 +53,10 @@ def tiny_demo_data(base: Path) -> dict[str, Path]:
                                 val_images=8, image_size=128, seed=5)
     for name, split, shards in (("pretrain", splits["pretrain"], out["pretrain_shards"]),
                                 ("finetune", splits["finetune_train"], out["finetune_shards"])):
-        subprocess.run(
+        run_ok(
             [sys.executable, "-m", "data_pipeline.build_shards", "--annotations", str(split.annotations),
              "--images", str(split.images), "--output", str(shards), "--samples-per-shard", "8",
              "--num-cpus", "2", "--object-store-mb", "100"],
-            check=True, cwd=REPO, env=env(), capture_output=True, timeout=300,
         )
     return out
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dino_scale.engine.checkpoint import latest_complete, read_complete_marker
 
-from launch_helpers import REPO, deepspeed_cmd, env, small_overrides, tiny_demo_data
+from launch_helpers import REPO, deepspeed_cmd, env, run_ok, small_overrides, tiny_demo_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -83,8 +83,8 @@ def test_pretrain_zero2_finetune_zero3_from_official_then_evaluate(data, tmp_pat
     assert read_complete_marker(pre / "checkpoints" / "step_10")["world_size"] == 2
 
     official = tmp_path / "official.pth"
-    subprocess.run([sys.executable, "-m", "dino_scale.checkpoint_convert", "ours-to-official",
-                    str(export), str(official)], check=True, cwd=REPO, env=env(), capture_output=True)
+    run_ok([sys.executable, "-m", "dino_scale.checkpoint_convert", "ours-to-official",
+            str(export), str(official)])
     ft = tmp_path / "ft"
     cmd = deepspeed_cmd("finetune_coco.py", "configs/demo/finetune.yaml", *small_overrides(ft),
                         "--pretrained", str(official), "--pretrained-categories", str(data["pretrain_ann"]),
@@ -101,20 +101,18 @@ def test_pretrain_zero2_finetune_zero3_from_official_then_evaluate(data, tmp_pat
 
     # the export evaluates without DeepSpeed to the same numbers
     out = tmp_path / "evaluate.json"
-    subprocess.run([sys.executable, "launch/evaluate.py", "--config", "configs/demo/finetune.yaml",
-                    "--checkpoint", str(ft_export), "--output", str(out), *small_overrides(ft),
-                    f"data.val_images={data['val_images']}", f"data.val_annotations={data['val_ann']}"],
-                   check=True, cwd=REPO, env=env(), capture_output=True, timeout=300)
+    run_ok([sys.executable, "launch/evaluate.py", "--config", "configs/demo/finetune.yaml",
+            "--checkpoint", str(ft_export), "--output", str(out), *small_overrides(ft),
+            f"data.val_images={data['val_images']}", f"data.val_annotations={data['val_ann']}"])
     again = json.loads(out.read_text())
     for key in ("AP", "AP50", "AP75"):
         assert again[key] == pytest.approx(stats[key], abs=1e-6)
 
     picture = tmp_path / "det.png"
     image = next(iter(sorted(data["val_images"].iterdir())))
-    subprocess.run([sys.executable, "launch/infer.py", str(image), "--config", "configs/demo/finetune.yaml",
-                    "--checkpoint", str(ft_export), "--out", str(picture), "--threshold", "0.0",
-                    *small_overrides(ft)[2:]],
-                   check=True, cwd=REPO, env=env(), capture_output=True, timeout=300)
+    run_ok([sys.executable, "launch/infer.py", str(image), "--config", "configs/demo/finetune.yaml",
+            "--checkpoint", str(ft_export), "--out", str(picture), "--threshold", "0.0",
+            *small_overrides(ft)[2:]])
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
