@@ -42,6 +42,14 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> fsspe
     return fsspec.filesystem(scheme, **options)
 
 
+def is_safe_relative_name(name: str) -> bool:
+    """True when `name` stays below the root it is joined to: relative, no `..` part,
+    no scheme. Annotation files name images; a hostile one must not reach other files."""
+    if not name or "://" in name or name.startswith(("/", "\\", "~")):
+        return False
+    return ".." not in name.replace("\\", "/").split("/")
+
+
 def join(root: str, name: str) -> str:
     return str(root).rstrip("/") + "/" + name.lstrip("/")
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.plan import ShardTask
-from data_pipeline.storage import Storage
+from data_pipeline.storage import Storage, is_safe_relative_name
 
 SAMPLE_FORMAT_VERSION = 1
 
@@ -125,6 +125,9 @@ def _make_sample(
     dropped: Counter, notes: Counter,
 ) -> tuple[str, bytes, dict[str, Any]] | None:
     file_name = task.file_names[i]
+    if not is_safe_relative_name(file_name):
+        dropped["unsafe_file_name"] += 1
+        return None
     try:
         data = images.read_bytes(file_name)
     except FileNotFoundError:
