@@ -4,12 +4,10 @@ samples counted, spawned workers over s3:// shards."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import tarfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from data_synthetic import annotations_by_image, build_shards_inline, make_coco
 from dino_scale.config import DataConfig
 from dino_scale.data import BadDataError, Batch, build_train_loader
 from dino_scale.data.stream import IndexShuffler, finite_segments
+from faults.shards import rewrite_shard
 
 NUM_IMAGES = 46
 
@@ -154,23 +153,6 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         build_train_loader(small_cfg(str(tmp_path)), batch_size=2, rank=0, world_size=1, seed=0)
 
 
-def _rewrite_shard(path: Path, edit) -> None:
-    """Rewrite a shard's samples through edit(key, parts) -> parts."""
-    samples = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for key, parts in samples.items():
-            for ext, payload in edit(key, dict(parts)).items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    path.write_bytes(out.getvalue())
-
-
 @pytest.mark.faults
 def test_bad_samples_are_skipped_counted_and_bounded(tmp_path):
     make_coco(tmp_path / "src", num_images=24, seed=9)
@@ -196,8 +178,8 @@ def test_bad_samples_are_skipped_counted_and_bounded(tmp_path):
         parts["json"] = json.dumps(meta).encode()
         return parts
 
-    _rewrite_shard(shards[0], corrupt_first_jpeg)
-    _rewrite_shard(shards[1], bad_boxes)
+    rewrite_shard(shards[0], corrupt_first_jpeg)
+    rewrite_shard(shards[1], bad_boxes)
     with tarfile.open(shards[2]) as tar:  # cut shard 2 inside the data of its 3rd sample
         third_jpg = [m for m in tar.getmembers() if m.name.endswith(".jpg")][2]
     shards[2].write_bytes(shards[2].read_bytes()[: third_jpg.offset_data + 10])
