@@ -18,8 +18,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# torch.distributed rendezvous variables: a launcher or the script itself sets them
+DIST_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env() -> dict[str, str]:
-    e = dict(os.environ)
+    e = {k: v for k, v in os.environ.items() if k not in DIST_ENV_VARS}
     e.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", DINO_NO_PROGRESS="1",
              OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return e
