@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dino_scale.engine.distributed import free_port
 from dino_scale.io import atomic_write_text
 from dino_scale.log import get_logger, setup_logging
 
@@ -40,14 +41,6 @@ def _env(num_ranks: int = 2) -> dict[str, str]:
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("DINO_NO_PROGRESS", "1")
     return env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], log_path: Path) -> None:
@@ -113,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tick = time.perf_counter()
     pre_dir = out / "pretrain"
-    cmd = [deepspeed, "--num_gpus", str(args.num_ranks), "--master_port", str(_free_port()),
+    cmd = [deepspeed, "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()),
            "launch/pretrain_o365.py", "--config", "configs/demo/pretrain.yaml",
            f"data.train_shards={shards['pretrain']}", f"paths.output_dir={pre_dir}", *args.overrides]
     if args.pretrain_epochs is not None:
@@ -124,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tick = time.perf_counter()
     ft_dir = out / "finetune"
     val = splits["finetune_val"]
-    cmd = [deepspeed, "--num_gpus", str(args.num_ranks), "--master_port", str(_free_port()),
+    cmd = [deepspeed, "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()),
            "launch/finetune_coco.py", "--config", "configs/demo/finetune.yaml",
            "--pretrained", str(pre_dir / "export" / "model.safetensors"),
            f"data.train_shards={shards['finetune_train']}", f"data.val_images={val.images}",

@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from dino_scale.engine.distributed import free_port
+
 ACCESS_KEY = "dino-test-access-key"
 SECRET_KEY = "dino-test-secret-value-0123456789"
 
@@ -43,12 +45,6 @@ class S3Bucket:
         return s3fs.S3FileSystem(**self.storage_options)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _moto_server_command(port: int) -> list[str]:
     exe = Path(sys.executable).with_name("moto_server")
     if exe.exists():
@@ -62,7 +58,7 @@ def _moto_server_command(port: int) -> list[str]:
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("moto")
     pytest.importorskip("s3fs")
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("s3server") / "moto.log", "wb")
     proc = subprocess.Popen(_moto_server_command(port), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from dino_scale.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "k8s" / "scripts" / "deepspeed_node.py"
@@ -75,12 +76,6 @@ with open(f"{out}/done{rank}", "w") as f:
     f.write(str(len(received)))
 sys.exit(143)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # two deepspeed launcher start-ups (~10-25 s)
