@@ -37,11 +37,13 @@ class TinyDetector(nn.Module):
 
 class TinyCriterion:
     """Squared error to each image's first box plus CE to its first label; can be told
-    to return NaN at given calls (counted over the criterion's lifetime)."""
+    to return NaN at given calls (counted over the criterion's lifetime), or a finite loss
+    whose gradients are NaN."""
 
-    def __init__(self, nan_calls: set[int] | None = None) -> None:
+    def __init__(self, nan_calls: set[int] | None = None, nan_grad_calls: set[int] | None = None) -> None:
         self.calls = 0
         self.nan_calls = nan_calls or set()
+        self.nan_grad_calls = nan_grad_calls or set()
 
     def __call__(self, outputs, targets):
         boxes = torch.stack([t["boxes"][0] for t in targets])
@@ -51,6 +53,9 @@ class TinyCriterion:
         loss = loss_ce + 5 * loss_bbox
         if self.calls in self.nan_calls:
             loss = loss * float("nan")
+        if self.calls in self.nan_grad_calls:
+            # value 0, gradient 0 * d sqrt(x)/dx at x = 0 = 0 * inf = NaN
+            loss = loss + (0 * outputs["pred_boxes"].sum()).sqrt()
         self.calls += 1
         return {"loss": loss, "loss_ce": loss_ce.detach(), "loss_bbox": loss_bbox.detach()}
 

@@ -28,10 +28,10 @@ def _cfg(out: Path, *overrides: str):
     ])
 
 
-def _components(nan_calls=None, batches_per_epoch: int = 4) -> Components:
+def _components(nan_calls=None, batches_per_epoch: int = 4, nan_grad_calls=None) -> Components:
     torch.manual_seed(0)
     return Components(
-        model=TinyDetector(), criterion=TinyCriterion(nan_calls),
+        model=TinyDetector(), criterion=TinyCriterion(nan_calls, nan_grad_calls),
         train_loader=lambda epoch: TinyLoader(batches_per_epoch, 2, rank=0, seed=3, epoch=epoch),
         eval_loader=lambda: None, postprocess=torch.nn.Identity(),
         categories=[{"id": i, "name": f"c{i}"} for i in range(5)],
@@ -71,6 +71,16 @@ def test_nan_loss_skips_the_step_and_never_touches_weights(tmp_path):
     assert any(not torch.equal(weights[k], before[k]) for k in weights)
     metrics = _losses(tmp_path)
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_finite_loss_with_nan_gradients_skips_the_step(tmp_path, stage):
+    comp = _components(nan_grad_calls={1})
+    result = train(_cfg(tmp_path, "optim.max_steps=3", f"deepspeed.zero_stage={stage}",
+                        "train.export_at_end=true"), comp)
+    assert result.skipped_steps == 1 and result.step == 3
+    weights, _ = load_weights(tmp_path / "export" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_too_many_consecutive_nans_stop_with_a_clear_error(tmp_path):

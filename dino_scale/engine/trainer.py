@@ -8,9 +8,10 @@ One optimizer step = `gradient_accumulation_steps` micro-batches per rank. Per m
 2. forward + loss; a second all-reduce tells whether the loss is finite on every rank.
    If not, no rank calls backward/step: the micro-batch is skipped and counted, and after
    `optim.max_consecutive_skipped_steps` skips in a row training stops with an error.
-   DeepSpeed's own overflow check (ZeRO 1/2: non-finite gradient norm) can still refuse a
-   step; `was_step_applied()` counts those as skipped too;
-3. `engine.backward`, `engine.step` (DeepSpeed accumulates and clips at 0.1).
+3. `engine.backward`, `engine.step` (DeepSpeed accumulates and clips at 0.1). A finite loss
+   can still have non-finite gradients: under ZeRO 1-3 DeepSpeed's overflow check refuses
+   such a step (`was_step_applied()`, counted as skipped too); ZeRO-0 has no such check in
+   fp32/bf16, so there the trainer checks the reduced gradients before `engine.step`.
 
 Checkpoints every `train.checkpoint_every_steps` optimizer steps, on SIGTERM, and at the
 end; a run resumes by itself from the latest complete one in the checkpoint directory.
@@ -352,6 +353,9 @@ class Trainer:
                 self._skip(f"non-finite loss on {int(nonfinite)} rank(s)")
                 continue
             engine.backward(loss)
+            if boundary and self.cfg.deepspeed.zero_stage == 0 and not self._gradients_finite():
+                self._skip("non-finite gradients")
+                continue
             engine.step()
             step_seconds = time.perf_counter() - tick
             self.images_seen += images.shape[0]
@@ -380,6 +384,16 @@ class Trainer:
         self._iterator = None
         if close is not None:
             close()
+
+    def _gradients_finite(self) -> bool:
+        """Whether every rank's reduced gradients are finite (one norm, one all-reduce)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = [g for p in self.engine.module.parameters()
+                 if p.requires_grad and (g := safe_get_full_grad(p)) is not None]
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        (nonfinite,) = dist_utils.all_reduce_sum([float(not finite)], self.device)
+        return nonfinite == 0
 
     def _skip(self, why: str) -> None:
         self.skipped_total += 1
