@@ -2,11 +2,13 @@
 
 Step timing (run under the DeepSpeed launcher, CPU here):
 
-    deepspeed --num_gpus 2 benchmarks/train_step.py --shards DIR [--steps 5] [--size 320]
+    deepspeed --num_gpus 2 benchmarks/train_step.py --shards DIR [--steps 5] [--size 320] \
+        [--config FILE] [--images-per-rank 2] [key.sub=value ...]
 
-times each phase of a training step of the DINO-4scale R50 model (official widths) at 2
-images per process through the real trainer set-up (DeepSpeed engine, ZeRO stage from
-`--zero-stage`, loader over WebDataset shards): data wait, forward, loss, backward, step.
+times each phase of a training step of the DINO-4scale R50 model (official widths; another
+model with `--config` and overrides) at 2 images per process through the real trainer
+set-up (DeepSpeed engine, ZeRO stage from `--zero-stage`, loader over WebDataset shards):
+data wait, forward, loss, backward, step.
 Per-phase seconds are averaged over steps and ranks; the table also gives each phase's
 share of the step and the throughput relative to the forward-only rate measured in the
 same run. Without --shards, shards of the coco-mini fixture are built (Ray) into a temp dir.
@@ -45,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--size", type=int, default=320, help="shorter image side (train scales fixed to it)")
     p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--images-per-rank", type=int, default=2)
     p.add_argument("--output", default=None, help="JSON with the timings (rank 0)")
     p.add_argument("--local_rank", type=int, default=None)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last")
     return p
 
 
@@ -86,9 +90,10 @@ def time_steps(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, [
         f"data.train_shards={shards}", f"data.train_scales=[{args.size}]", f"data.crop_scales=[{args.size}]",
         f"data.crop_min_size={args.size}", f"data.crop_max_size={args.size}", "data.train_max_size=1333",
-        "data.num_workers=1", "deepspeed.micro_batch_per_gpu=2", f"deepspeed.zero_stage={args.zero_stage}",
+        "data.num_workers=1", f"deepspeed.micro_batch_per_gpu={args.images_per_rank}",
+        f"deepspeed.zero_stage={args.zero_stage}",
         "metrics.enabled=false", f"paths.output_dir={tempfile.mkdtemp(prefix='dino_bench_')}",
-        "data.mode=resampled", "data.samples_per_epoch=100000",
+        "data.mode=resampled", "data.samples_per_epoch=100000", *args.overrides,
     ])
     trainer = Trainer(cfg)
     trainer.setup()
@@ -129,16 +134,18 @@ def time_steps(args: argparse.Namespace) -> None:
     eval_forward = summed[len(PHASES)] / world
     step = sum(per_phase.values())
     result = {
-        "model": args.config, "zero_stage": args.zero_stage, "ranks": world, "images_per_rank": 2,
+        "model": args.config, "overrides": args.overrides, "zero_stage": args.zero_stage, "ranks": world,
+        "images_per_rank": args.images_per_rank,
         "size": args.size, "steps": args.steps, "seconds_per_step": step,
-        "images_per_second": 2 * world / step, "phase_seconds": per_phase,
+        "images_per_second": args.images_per_rank * world / step, "phase_seconds": per_phase,
         "phase_share": {p: v / step for p, v in per_phase.items()},
         "eval_forward_seconds": eval_forward,
         "train_step_over_eval_forward": step / eval_forward,
         "torch_threads": torch.get_num_threads(),
     }
     if dist_utils.rank() == 0:
-        print(f"\nDINO R50-4scale training step, {world} ranks x 2 images, shorter side {args.size}, "
+        print(f"\n{args.config} {' '.join(args.overrides)} training step, {world} ranks x "
+              f"{args.images_per_rank} images, shorter side {args.size}, "
               f"ZeRO-{args.zero_stage}, CPU ({torch.get_num_threads()} threads/rank):")
         print(f"{'phase':>10} | {'seconds':>8} | {'share':>6}")
         for p in PHASES:
