@@ -165,8 +165,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def draw_examples(checkpoint: Path, val: Any, out_path: Path, overrides: list[str], count: int = 6) -> Path:
-    """The fine-tuned model's detections on the first `count` val images, side by side."""
+def draw_examples(checkpoint: Path, val: Any, out_path: Path, overrides: list[str], rows: int = 2,
+                  columns: int = 3, scale: float = 3.0) -> Path:
+    """The fine-tuned model's detections on the first `rows * columns` val images, in a grid,
+    each image enlarged `scale` times."""
     from PIL import Image
 
     from dino_scale.checkpoint_convert import load_model
@@ -179,18 +181,15 @@ def draw_examples(checkpoint: Path, val: Any, out_path: Path, overrides: list[st
     names = names_for(checkpoint, None)
     tiles = []
     tmp = out_path.parent / "detections_tiles"
-    for image_path in sorted(Path(val.images).iterdir())[:count]:
+    for image_path in sorted(Path(val.images).iterdir())[:rows * columns]:
         tile = tmp / f"{image_path.stem}.png"
         draw_detections(image_path, detect(model, image_path, cfg), tile,
-                        threshold=cfg.train.draw_score_threshold, names=names)
+                        threshold=cfg.train.draw_score_threshold, names=names, scale=scale)
         tiles.append(Image.open(tile))
-    width = sum(t.width for t in tiles)
-    height = max(t.height for t in tiles)
-    sheet = Image.new("RGB", (width, height))
-    x = 0
-    for tile in tiles:
-        sheet.paste(tile, (x, 0))
-        x += tile.width
+    width, height = max(t.width for t in tiles), max(t.height for t in tiles)
+    sheet = Image.new("RGB", (columns * width, rows * height))
+    for index, tile in enumerate(tiles):
+        sheet.paste(tile, ((index % columns) * width, (index // columns) * height))
     sheet.save(out_path)
     shutil.rmtree(tmp, ignore_errors=True)
     return out_path

@@ -48,8 +48,10 @@ def names_for(checkpoint: str | Path, categories_file: str | Path | None) -> dic
 
 
 def draw_detections(image_path: str | Path, detections: dict[str, torch.Tensor], out_path: str | Path,
-                    *, threshold: float, names: dict[int, str] | None = None) -> list[dict]:
-    """Draw boxes scoring >= threshold on the image and save a PNG; returns what was drawn."""
+                    *, threshold: float, names: dict[int, str] | None = None, scale: float = 1.0) -> list[dict]:
+    """Draw boxes scoring >= threshold on the image, enlarged `scale` times so that labels
+    stay legible on small images, and save a PNG; returns what was drawn (boxes in the
+    image's own pixels)."""
     import io
 
     from PIL import Image, ImageDraw
@@ -57,6 +59,8 @@ def draw_detections(image_path: str | Path, detections: dict[str, torch.Tensor],
     from dino_scale.io import atomic_write_bytes
 
     image = Image.open(image_path).convert("RGB")
+    if scale != 1.0:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
     draw = ImageDraw.Draw(image)
     palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
@@ -66,9 +70,10 @@ def draw_detections(image_path: str | Path, detections: dict[str, torch.Tensor],
         if score < threshold:
             continue
         color = palette[label % len(palette)]
-        draw.rectangle(box, outline=color, width=2)
+        shown = [c * scale for c in box]
+        draw.rectangle(shown, outline=color, width=2)
         text = f"{(names or {}).get(label, label)} {score:.2f}"
-        draw.text((box[0] + 2, box[1] + 1), text, fill=color)
+        draw.text((shown[0] + 2, shown[1] + 1), text, fill=color)
         kept.append({"label": label, "score": score, "box": box})
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -149,6 +149,7 @@ def infer_parser() -> argparse.ArgumentParser:
                         help="score threshold (default train.draw_score_threshold)")
     parser.add_argument("--categories", default=None,
                         help="COCO JSON / manifest for class names (default: the export's metadata)")
+    parser.add_argument("--scale", type=float, default=1.0, help="enlarge the drawing (small images)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     parser.add_argument("--allow-unsafe-pickle", action="store_true")
     return parser
@@ -164,7 +165,7 @@ def run_infer(args: argparse.Namespace) -> list[dict]:
     threshold = cfg.train.draw_score_threshold if args.threshold is None else args.threshold
     detections = detect(model, args.image, cfg)
     names = names_for(args.checkpoint, args.categories)
-    kept = draw_detections(args.image, detections, args.out, threshold=threshold, names=names)
+    kept = draw_detections(args.image, detections, args.out, threshold=threshold, names=names, scale=args.scale)
     print(f"{len(kept)} detections above {threshold} drawn to {args.out}")
     return kept
 
