@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -78,6 +79,9 @@ def test_pretrain_zero2_finetune_zero3_from_official_then_evaluate(data, tmp_pat
         assert values["dino_learning_rate[('group', 'rest')]"] > 0
         assert "dino_loss[('term', 'loss')]" in values and "dino_skipped_steps_total" in values
         assert values["dino_process_resident_memory_bytes"] > 0
+    # DeepSpeed's per-rank shared-memory all-reduce buffers (~66 MB each) are not left in RAM
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     export = pre / "export" / "model.safetensors"
     assert export.is_file() and latest_complete(pre / "checkpoints")[0] == 10
     assert read_complete_marker(pre / "checkpoints" / "step_10")["world_size"] == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,25 @@ def init_distributed() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_init_required=True)
+    _unlink_shm_allreduce_buffer()
+
+
+def shm_allreduce_buffer(rank_: int) -> Path:
+    """The POSIX shared-memory file that DeepSpeed's CPU accelerator creates for rank
+    `rank_`'s local all-reduce when all ranks are on one machine (~66 MB each)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank_}")
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed never unlinks these buffers: every CPU run would leave its ranks' buffers
+    in /dev/shm (RAM) until the machine swaps. By the time `init_distributed` returns on
+    every rank (the barrier), each rank has mapped every buffer, so the names can go; the
+    mappings last until the processes exit, and a killed rank leaves nothing behind."""
+    if torch.cuda.is_available() or world_size() == 1:
+        return
+    dist.barrier()
+    shm_allreduce_buffer(rank()).unlink(missing_ok=True)
 
 
 def rank() -> int:
