@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from dino_scale.data.samples import BadSample
+from dino_scale.log import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,20 +152,33 @@ class IndexShuffler:
         return lambda i: i >= threshold or i in buffered
 
 
-def iter_tar(stream: BinaryIO, wanted: Callable[[int], bool], stop: int) -> Iterator[tuple[int, dict]]:
+@dataclass
+class TarPosition:
+    """Where the next sample of a tar starts: its ordinal and its first header's byte offset."""
+
+    ordinal: int = 0
+    offset: int = 0
+
+
+def iter_tar(stream: BinaryIO, wanted: Callable[[int], bool], stop: int,
+             position: TarPosition | None = None) -> Iterator[tuple[int, dict]]:
     """(ordinal, sample) for the samples of a WebDataset tar, in file order, up to `stop`.
 
     A sample groups consecutive members sharing a key (basename up to the first dot).
-    Only wanted samples have their member data read into memory.
+    Only wanted samples have their member data read into memory. `stream` starts at
+    `position` (a sample boundary); `position` is advanced past each sample before it is
+    yielded, so a reader that fails can reopen the tar there.
     """
-    ordinal, key, sample = -1, None, None
+    position = position if position is not None else TarPosition()
+    start = position.offset
+    ordinal, key, sample = position.ordinal - 1, None, None
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            base = member.name.rsplit("/", 1)[-1]
-            member_key, _, extension = base.partition(".")
+            member_key, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
             if member_key != key:
+                position.ordinal, position.offset = ordinal + 1, start + member.offset
                 if sample is not None:
                     yield ordinal, sample
                 ordinal += 1
@@ -172,18 +188,22 @@ def iter_tar(stream: BinaryIO, wanted: Callable[[int], bool], stop: int) -> Iter
                 sample = {"__key__": key} if wanted(ordinal) else None
             if sample is not None:
                 sample[extension] = tar.extractfile(member).read()
+        position.ordinal = ordinal + 1
         if sample is not None:
             yield ordinal, sample
 
 
 def read_segments(
     segments: Iterable[Segment], open_shard: Callable[[str], BinaryIO], pending: Callable[[int], bool],
-    open_retries: int = 3,
+    retries: int = 3,
 ) -> Iterator[tuple[int, dict | BadSample]]:
     """(input index, raw sample or BadSample) for every pending index, in input order.
 
-    Segments with nothing pending are not opened. A shard that cannot be opened, or ends
-    early (truncated tar), yields BadSample for each of its pending samples not read.
+    Segments with nothing pending are not opened. Opening a shard is retried, and so is a
+    read that fails part-way (a dropped connection): the shard is reopened at the first
+    sample not yet read, so nothing is read twice. A shard that still cannot be opened or
+    read, or that ends early or is corrupt (neither retried), yields BadSample for each of
+    its pending samples not read.
     """
     base = 0
     for segment in segments:
@@ -193,24 +213,34 @@ def read_segments(
             continue
         wanted = lambda ordinal: segment.start <= ordinal and pending(first + ordinal - segment.start)  # noqa: E731
         seen: set[int] = set()
-        failure = "truncated_tar"
-        try:
-            stream = _open_with_retries(open_shard, segment.shard, open_retries)
-        except OSError as exc:
-            stream, failure = None, "shard_unreadable"
-            detail = str(exc)
-        if stream is not None:
+        position = TarPosition()
+        for attempt in range(retries + 1):
+            try:
+                stream = _open_with_retries(open_shard, segment.shard, retries)
+            except OSError as exc:
+                failure, detail = "shard_unreadable", f"{segment.shard}: {exc}"
+                break
             try:
                 with stream:
-                    for ordinal, sample in iter_tar(stream, wanted, segment.stop):
+                    if position.offset:
+                        stream.seek(position.offset)
+                    for ordinal, sample in iter_tar(stream, wanted, segment.stop, position):
                         seen.add(ordinal)
                         if segment.draw >= 0:
                             sample["__draw__"] = segment.draw
                         yield first + ordinal - segment.start, sample
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                detail = f"{segment.shard}: {exc}"
-            else:
-                detail = f"{segment.shard}: ended before sample {segment.stop}"
+            except (tarfile.TarError, EOFError) as exc:
+                failure, detail = "truncated_tar", f"{segment.shard}: {exc}"
+                break
+            except OSError as exc:
+                failure, detail = "shard_read_error", f"{segment.shard}: {exc}"
+                if attempt < retries:
+                    log.warning("reading %s failed at sample %d (%s); reopening there (retry %d of %d)",
+                                segment.shard, position.ordinal, exc, attempt + 1, retries)
+                    time.sleep(0.5 * 2**attempt)
+                continue
+            failure, detail = "truncated_tar", f"{segment.shard}: ended before sample {segment.stop}"
+            break
         for ordinal in range(segment.start, segment.stop):
             index = first + ordinal - segment.start
             if ordinal not in seen and pending(index):
