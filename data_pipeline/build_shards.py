@@ -124,14 +124,21 @@ def build_shards(
     finally:
         runs.close()  # on interruption: cancel the tasks still in flight
     report = _report(records, failures, index_dropped, time.perf_counter() - start)
-    out.write_bytes(REPORT_NAME, json.dumps(report, indent=1).encode())
+    try:
+        out.write_bytes(REPORT_NAME, json.dumps(report, indent=1).encode())
+        if not failures:
+            write_manifest(out, build_manifest(records, categories, settings.public(), index_dropped))
+    except tuple(TRANSIENT_ERRORS) as exc:  # the store itself is unreachable (outage) or full
+        raise BuildError(
+            f"could not write {REPORT_NAME} / the manifest to {redact_url(settings.output)} "
+            f"({type(exc).__name__}: {exc}); {len(records)} of {len(tasks)} shards are finished and kept, "
+            "re-run the same command to resume."
+        ) from exc
     if failures:
         raise BuildError(
             f"{len(failures)} of {len(tasks)} shards failed ({', '.join(sorted(failures)[:5])}...); "
             "finished shards are kept, re-run the same command to resume. No manifest written."
         )
-    manifest = build_manifest(records, categories, settings.public(), index_dropped)
-    write_manifest(out, manifest)
     report["manifest"] = out.url("manifest.json")
     _log_report(report)
     return report

@@ -251,3 +251,30 @@ def test_failing_shard_is_retried_reported_and_resumable(ray_local, tmp_path):
     report = build_shards(settings)
     assert (report["shards_written"], report["shards_skipped"]) == (1, 3)
     assert read_manifest(str(out))["totals"]["samples"] == 20
+
+
+@pytest.mark.faults
+def test_store_unreachable_at_the_end_is_a_clear_error_and_resumable(ray_local, tmp_path, monkeypatch):
+    """The object store goes away after the shards are written, while the report and the
+    manifest are published: a BuildError saying to re-run, never a bare traceback."""
+    from botocore.exceptions import EndpointConnectionError
+
+    make_coco(tmp_path / "src", num_images=12, seed=8)
+    out = tmp_path / "out"
+    settings = BuildSettings(annotations=str(tmp_path / "src" / "annotations.json"), images=str(tmp_path / "src" / "images"),
+                             output=str(out), samples_per_shard=4)
+    write_bytes = Storage.write_bytes
+
+    def unreachable(self, name, data):
+        if name in ("build_report.json", "manifest.json"):
+            raise EndpointConnectionError(endpoint_url=f"http://127.0.0.1:9/bucket/{name}")
+        return write_bytes(self, name, data)
+
+    monkeypatch.setattr(Storage, "write_bytes", unreachable)
+    with pytest.raises(build_mod.BuildError, match="3 of 3 shards are finished and kept, re-run the same command"):
+        build_shards(settings)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(Storage, "write_bytes", write_bytes)
+    report = build_shards(settings)
+    assert (report["shards_written"], report["shards_skipped"]) == (0, 3)
+    assert read_manifest(str(out))["totals"]["samples"] == 12
