@@ -1,6 +1,7 @@
-// Argument checks shared by the CPU and CUDA entry points. They guard memory safety for
-// direct torch.ops calls; dino_scale.ops checks the same contract in Python first with
-// friendlier errors (and for fake tensors, where this code does not run).
+// Argument checks and operand preparation shared by the CPU and CUDA entry points. The
+// checks guard memory safety for direct torch.ops calls; dino_scale.ops checks the same
+// contract in Python first with friendlier errors (and for fake tensors, where this code
+// does not run).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -79,6 +80,24 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& v
               grad_output.scalar_type());
   TORCH_CHECK(grad_output.device() == value.device(), "ms_deform_attn: grad_output is on ",
               grad_output.device(), " but value is on ", value.device());
+}
+
+// True when no query samples anything: the output and every gradient are zero.
+inline bool samples_nothing(const Geometry& g) {
+  return g.queries == 0 || g.levels == 0 || g.points == 0 || g.channels == 0;
+}
+
+// The tensors the kernels index with raw pointers, made contiguous (no copy when they are).
+struct Operands {
+  at::Tensor value, locations, weights, grad_output;
+};
+
+inline Operands contiguous_operands(const at::Tensor& value,
+                                    const at::Tensor& sampling_locations,
+                                    const at::Tensor& attention_weights,
+                                    const at::Tensor& grad_output = at::Tensor()) {
+  return {value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous(),
+          grad_output.defined() ? grad_output.contiguous() : grad_output};
 }
 
 }  // namespace msda

@@ -170,16 +170,14 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
   const auto levels = read_levels(spatial_shapes, level_start_index, g.value_len);
   auto out = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
   if (out.numel() == 0) return out;
-  if (g.levels == 0 || g.points == 0) return out.zero_();
-  const auto v = value.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
+  if (samples_nothing(g)) return out.zero_();
+  const Operands in = contiguous_operands(value, sampling_locations, attention_weights);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_static_channels(g.channels, [&](auto channels) {
-      const ForwardArgs<scalar_t> args{g, levels.data(), v.data_ptr<scalar_t>(),
-                                       loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(),
+      const ForwardArgs<scalar_t> args{g, levels.data(), in.value.data_ptr<scalar_t>(),
+                                       in.locations.data_ptr<acc_t>(), in.weights.data_ptr<acc_t>(),
                                        out.data_ptr<scalar_t>()};
       run_forward<scalar_t, decltype(channels)::value>(args);
     });
@@ -198,23 +196,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_value = at::empty(value.sizes(), value.options());
   auto grad_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
   auto grad_weights = at::empty(attention_weights.sizes(), attention_weights.options());
-  const bool no_samples = g.queries == 0 || g.levels == 0 || g.points == 0 || g.channels == 0;
-  if (value.numel() == 0 || no_samples) {
+  if (value.numel() == 0 || samples_nothing(g)) {
     grad_value.zero_();
     grad_locations.zero_();
     grad_weights.zero_();
   } else {
-    const auto v = value.contiguous();
-    const auto loc = sampling_locations.contiguous();
-    const auto attn = attention_weights.contiguous();
-    const auto go = grad_output.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
+    const Operands in =
+        contiguous_operands(value, sampling_locations, attention_weights, grad_output);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                     "ms_deform_attn_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       with_static_channels(g.channels, [&](auto channels) {
         const BackwardArgs<scalar_t> args{
-            g, levels.data(), v.data_ptr<scalar_t>(), loc.data_ptr<acc_t>(),
-            attn.data_ptr<acc_t>(), go.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
+            g, levels.data(), in.value.data_ptr<scalar_t>(), in.locations.data_ptr<acc_t>(),
+            in.weights.data_ptr<acc_t>(), in.grad_output.data_ptr<scalar_t>(),
+            grad_value.data_ptr<scalar_t>(),
             grad_locations.data_ptr<acc_t>(), grad_weights.data_ptr<acc_t>()};
         run_backward<scalar_t, decltype(channels)::value>(args);
       });

@@ -146,19 +146,18 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
                                   attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::zeros({g.batch, g.queries, g.heads * g.channels}, value.options());
-  if (out.numel() == 0 || g.levels == 0 || g.points == 0) return out;
-  const auto v = value.contiguous();
+  if (out.numel() == 0 || samples_nothing(g)) return out;
+  const Operands in = contiguous_operands(value, sampling_locations, attention_weights);
   const auto shapes = spatial_shapes.contiguous();
   const auto starts = level_start_index.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t><<<blocks_for(g), kThreads, 0, stream>>>(
-        g, v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-        loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+        g, in.value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+        in.locations.data_ptr<acc_t>(), in.weights.data_ptr<acc_t>(),
+        out.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -177,21 +176,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   auto grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
   auto grad_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
   auto grad_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
-  const bool no_samples = g.queries == 0 || g.levels == 0 || g.points == 0 || g.channels == 0;
-  if (value.numel() > 0 && !no_samples) {
-    const auto v = value.contiguous();
+  if (value.numel() > 0 && !samples_nothing(g)) {
+    const Operands in =
+        contiguous_operands(value, sampling_locations, attention_weights, grad_output);
     const auto shapes = spatial_shapes.contiguous();
     const auto starts = level_start_index.contiguous();
-    const auto loc = sampling_locations.contiguous();
-    const auto attn = attention_weights.contiguous();
-    const auto go = grad_output.contiguous();
     const auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                     "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       backward_kernel<scalar_t><<<blocks_for(g), kThreads, 0, stream>>>(
-          g, v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-          loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), go.data_ptr<scalar_t>(),
+          g, in.value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+          starts.data_ptr<int64_t>(),
+          in.locations.data_ptr<acc_t>(), in.weights.data_ptr<acc_t>(),
+          in.grad_output.data_ptr<scalar_t>(),
           grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
           grad_weights.data_ptr<acc_t>());
     });
