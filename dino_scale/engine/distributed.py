@@ -40,7 +40,7 @@ def init_distributed() -> None:
     _unlink_shm_allreduce_buffer()
 
 
-def shm_allreduce_buffer(rank_: int) -> Path:
+def _shm_allreduce_buffer(rank_: int) -> Path:
     """The POSIX shared-memory file that DeepSpeed's CPU accelerator creates for rank
     `rank_`'s local all-reduce when all ranks are on one machine (~66 MB each)."""
     return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
@@ -48,14 +48,16 @@ def shm_allreduce_buffer(rank_: int) -> Path:
 
 
 def _unlink_shm_allreduce_buffer() -> None:
-    """DeepSpeed never unlinks these buffers: every CPU run would leave its ranks' buffers
+    """DeepSpeed's CPU accelerator never unlinks these buffers: every CPU run would leave its ranks' buffers
     in /dev/shm (RAM) until the machine swaps. By the time `init_distributed` returns on
     every rank (the barrier), each rank has mapped every buffer, so the names can go; the
     mappings last until the processes exit, and a killed rank leaves nothing behind."""
-    if torch.cuda.is_available() or world_size() == 1:
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or world_size() == 1:
         return
     dist.barrier()
-    shm_allreduce_buffer(rank()).unlink(missing_ok=True)
+    _shm_allreduce_buffer(rank()).unlink(missing_ok=True)
 
 
 def rank() -> int:
