@@ -33,7 +33,7 @@ log = get_logger("dino_scale.demo")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env(num_ranks: int = 2) -> dict[str, str]:
+def _env(num_ranks: int) -> dict[str, str]:
     env = dict(os.environ)
     # one rank per core: torch's default (all cores per process) oversubscribes the CPU
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_ranks)))
@@ -43,12 +43,12 @@ def _env(num_ranks: int = 2) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], log_path: Path) -> None:
+def _run(cmd: list[str], log_path: Path, env: dict[str, str]) -> None:
     """Run a stage, its output teed to `log_path`; a failure names the log."""
     log.info("$ %s", " ".join(cmd))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     stages: dict[str, float] = {}
+    env = _env(args.num_ranks)
     py = sys.executable
     deepspeed = str(Path(py).parent / "deepspeed")
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _run([py, "-m", "data_pipeline.build_shards", "--annotations", str(splits[name].annotations),
               "--images", str(splits[name].images), "--output", str(shards[name]),
               "--samples-per-shard", "100", "--num-cpus", "2", "--object-store-mb", "128"],
-             out / "logs" / f"shards_{name}.log")
+             out / "logs" / f"shards_{name}.log", env)
     stages["build_shards"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            f"data.train_shards={shards['pretrain']}", f"paths.output_dir={pre_dir}", *args.overrides]
     if args.pretrain_epochs is not None:
         cmd.append(f"optim.epochs={args.pretrain_epochs}")
-    _run(cmd, out / "logs" / "pretrain.log")
+    _run(cmd, out / "logs" / "pretrain.log", env)
     stages["pretrain"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            f"data.val_annotations={val.annotations}", f"paths.output_dir={ft_dir}", *args.overrides]
     if args.finetune_epochs is not None:
         cmd.append(f"optim.epochs={args.finetune_epochs}")
-    _run(cmd, out / "logs" / "finetune.log")
+    _run(cmd, out / "logs" / "finetune.log", env)
     stages["finetune_and_eval"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
