@@ -82,6 +82,7 @@ class TrainingMetrics:
         if not self.cfg.enabled:
             return None
         port = self.cfg.base_port + self.local_rank if self.cfg.base_port else 0
+        self.observe_memory()  # never served as 0 before the first step
         try:
             server, _ = start_http_server(port, addr=self.cfg.bind_address, registry=self.registry)
         except OSError as exc:

@@ -367,10 +367,10 @@ class Trainer:
                 continue
             self.consecutive_skipped = 0
             self.step += 1
-            self.metrics.steps.inc()
             if hasattr(loader, "stats"):
                 self.metrics.observe_data(loader.stats())
             self._log_step(losses, step_seconds, data_wait, images.shape[0])
+            self.metrics.steps.inc()  # last: a scrape that sees the step sees all its metrics
             if self.step % cfg.train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
             if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0:
