@@ -1,6 +1,7 @@
 # dino-scale: two commands do all the set-up on a fresh machine.
 #   make demo   installs into .venv and runs the whole flow on the embedded default
 #   make test   installs into .venv and runs the test suite
+#   make gpu-check  on a GPU machine: the acceptance run (build, gpu tests, op and Swin-L timings)
 #
 # TORCH_SPEC is what gets installed when .venv has no torch yet. The default pair is the
 # build these machines carry on local disk (a CUDA build that also runs on CPU); on GPU
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-.PHONY: install test demo clean
+.PHONY: install test demo gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +39,11 @@ test: install
 
 demo: install
 	$(PY) launch/demo.py
+
+# On a GPU machine: builds the op for that GPU, runs the gpu tests, times the op and Swin-L
+# training steps; figures in outputs/gpu_acceptance.json (benchmarks/gpu_acceptance.py).
+gpu-check: install
+	$(PY) benchmarks/gpu_acceptance.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/msda.py                  # both DINO shapes, 2 threads
     .venv/bin/python benchmarks/msda.py --shape decoder --repeats 21
     python benchmarks/msda.py --device cuda --batch 8   # on a GPU machine
+    python benchmarks/msda.py --device cuda --dtype bfloat16 --json msda.json
 
 Shapes (DINO-4scale at a 512x512 input): levels 64^2, 32^2, 16^2, 8^2 (S = 5440), M = 8
 heads, D = 32 channels per head, P = 4 points, N = 2; encoder Lq = 5440 (one query per pixel),
@@ -12,6 +13,10 @@ attention weights over L * P; `--locations uniform` samples uniformly in [0, 1] 
 
 Timing: the native and reference variants run interleaved in one loop (warm-up first),
 medians over --repeats; ratios are reference / native measured in the same run.
+
+--dtype sets the value's dtype (the op takes float32 locations and weights whatever the
+value's dtype, as under autocast); the reference then runs grid_sample in that dtype.
+--json writes the medians, ratios and peaks per shape to a file.
 
 Peak memory: each implementation runs in a fresh subprocess that builds its inputs, records
 the peak resident set size (VmHWM), runs one forward and one forward+backward, and
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -63,7 +69,8 @@ class Shape:
         return self.batch * self.queries * self.heads * len(LEVELS) * self.points
 
 
-def make_inputs(shape: Shape, locations: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def make_inputs(shape: Shape, locations: str, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     n, m, d, p, lq, nl = shape.batch, shape.heads, shape.channels, shape.points, shape.queries, len(LEVELS)
     spatial_shapes = torch.tensor(LEVELS, dtype=torch.int64)
@@ -88,7 +95,7 @@ def make_inputs(shape: Shape, locations: str, seed: int = 0) -> tuple[torch.Tens
         loc = ref[:, :, None, None, None, :] + offsets
     logits = torch.randn(n, lq, m, nl * p, generator=gen)
     weights = logits.softmax(-1).view(n, lq, m, nl, p)
-    return value, spatial_shapes, level_start_index, loc, weights
+    return value.to(dtype), spatial_shapes, level_start_index, loc, weights
 
 
 def _implementations():
@@ -96,7 +103,11 @@ def _implementations():
 
     if NATIVE is None:
         sys.exit("native op not available: build it with `pip install --no-build-isolation -e .`")
-    return {"native": ms_deform_attn, "reference": ms_deform_attn_reference}
+    def reference(value, shapes, starts, loc, weights):
+        # grid_sample wants one dtype: the reference computes in the value's
+        return ms_deform_attn_reference(value, shapes, starts, loc.to(value.dtype), weights.to(value.dtype))
+
+    return {"native": ms_deform_attn, "reference": reference}
 
 
 def _forward(fn, inputs):
@@ -116,9 +127,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(shape: Shape, locations: str, repeats: int, device: str) -> dict[str, float]:
+def time_interleaved(shape: Shape, locations: str, repeats: int, device: str,
+                     dtype: torch.dtype = torch.float32) -> dict[str, float]:
     impls = _implementations()
-    inputs = tuple(t.to(device) for t in make_inputs(shape, locations))
+    inputs = tuple(t.to(device) for t in make_inputs(shape, locations, dtype=dtype))
     runs = [(f"{impl} {mode}", fn, step) for mode, step in (("fwd", _forward), ("fwd+bwd", _forward_backward)) for impl, fn in impls.items()]
     for _, fn, step in runs:  # warm-up
         step(fn, inputs)
@@ -146,9 +158,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_memory_child(shape: Shape, locations: str, impl: str) -> dict[str, int]:
+def measure_memory_child(shape: Shape, locations: str, impl: str,
+                         dtype: torch.dtype = torch.float32) -> dict[str, int]:
     fn = _implementations()[impl]
-    inputs = make_inputs(shape, locations)
+    inputs = make_inputs(shape, locations, dtype=dtype)
     baseline = _peak_rss_bytes()
     _forward(fn, inputs)
     forward_peak = _peak_rss_bytes()
@@ -156,9 +169,10 @@ def measure_memory_child(shape: Shape, locations: str, impl: str) -> dict[str, i
     return {"fwd": forward_peak - baseline, "fwd+bwd": _peak_rss_bytes() - baseline}
 
 
-def measure_memory_cuda(shape: Shape, locations: str, impl: str) -> dict[str, int]:
+def measure_memory_cuda(shape: Shape, locations: str, impl: str,
+                        dtype: torch.dtype = torch.float32) -> dict[str, int]:
     fn = _implementations()[impl]
-    inputs = tuple(t.cuda() for t in make_inputs(shape, locations))
+    inputs = tuple(t.cuda() for t in make_inputs(shape, locations, dtype=dtype))
     result = {}
     for mode, step in (("fwd", _forward), ("fwd+bwd", _forward_backward)):
         torch.cuda.synchronize()
@@ -170,11 +184,13 @@ def measure_memory_cuda(shape: Shape, locations: str, impl: str) -> dict[str, in
     return result
 
 
-def measure_memory(shape: Shape, locations: str, impl: str, threads: int, device: str) -> dict[str, int]:
+def measure_memory(shape: Shape, locations: str, impl: str, threads: int, device: str,
+                   dtype: torch.dtype = torch.float32) -> dict[str, int]:
     if device == "cuda":
-        return measure_memory_cuda(shape, locations, impl)
+        return measure_memory_cuda(shape, locations, impl, dtype)
     cmd = [sys.executable, __file__, "--memory-child", impl, "--shape", shape.name,
-           "--locations", locations, "--threads", str(threads), "--batch", str(shape.batch)]
+           "--locations", locations, "--threads", str(threads), "--batch", str(shape.batch),
+           "--dtype", str(dtype).removeprefix("torch.")]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -224,32 +240,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32",
+                        help="dtype of the value tensor")
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--memory-child", choices=["native", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     names = ["encoder", "decoder"] if args.shape == "both" else [args.shape]
     shapes = [Shape(name, batch=args.batch, queries=QUERIES[name]) for name in names]
     if args.memory_child:
-        print(json.dumps(measure_memory_child(shapes[0], args.locations, args.memory_child)))
+        print(json.dumps(measure_memory_child(shapes[0], args.locations, args.memory_child, dtype)))
         return
 
     from dino_scale.ops import NATIVE
 
     peak_flops, peak_bw = machine_peaks() if args.device == "cpu" else (math.nan, math.nan)
-    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, native op: {NATIVE}, "
+    figures: dict = {"torch": torch.__version__, "device": args.device, "dtype": args.dtype,
+                     "native": NATIVE, "repeats": args.repeats, "shapes": {}}
+    print(f"torch {torch.__version__}, {args.device}, value {args.dtype}, {args.threads} threads, native op: {NATIVE}, "
           f"locations: {args.locations}, medians of {args.repeats} interleaved runs")
     print(f"machine: matmul {peak_flops / 1e9:.0f} GFLOP/s, streaming copy {peak_bw / 1e9:.1f} GB/s")
     for shape in shapes:
         print(f"\n{shape.name}: N={shape.batch} Lq={shape.queries} M={shape.heads} "
               f"D={shape.channels} L={len(LEVELS)} P={shape.points} S={shape.value_len} "
               f"({shape.samples / 1e6:.2f} M samples)")
-        times = time_interleaved(shape, args.locations, args.repeats, args.device)
+        times = time_interleaved(shape, args.locations, args.repeats, args.device, dtype)
         memory = {}
         if not args.no_memory:
-            memory = {impl: measure_memory(shape, args.locations, impl, args.threads, args.device)
+            memory = {impl: measure_memory(shape, args.locations, impl, args.threads, args.device, dtype)
                       for impl in ("native", "reference")}
+        figures["shapes"][shape.name] = {
+            "queries": shape.queries, "batch": shape.batch, "seconds": times,
+            "speedup": {mode: times[f"reference {mode}"] / times[f"native {mode}"] for mode in ("fwd", "fwd+bwd")},
+            "peak_bytes": memory,
+        }
         amounts = work(shape)
         for mode in ("fwd", "fwd+bwd"):
             native_t, ref_t = times[f"native {mode}"], times[f"reference {mode}"]
@@ -270,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{a['gathered'] / native_t / 1e9:5.1f} GB/s, {native_t / shape.samples * 1e9:5.1f} "
                   f"ns/sample; roofline floor {bound * 1e3:.2f} ms "
                   f"(native at {bound / native_t:.0%} of it)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""The CPU-side parts of benchmarks/gpu_acceptance.py: arguments, the JSON report, step
+failures and time limits, and the Swin-L training step run on the CPU at a small size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_acceptance.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+acceptance = load_script()
+
+
+def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_defaults_run_every_step_within_eight_minutes():
+    args = acceptance.parse_args([])
+    assert args.steps == list(acceptance.STEPS)
+    assert args.deadline <= 480
+    assert args.swinl_hw == (800, 1333)
+    assert (args.swinl_precision, args.swinl_zero, args.swinl_device) == ("bf16", 2, "cuda")
+    assert all(v in acceptance.VARIANTS for v in args.swinl_variants)
+
+
+def test_steps_run_in_the_fixed_order_whatever_the_order_given():
+    assert acceptance.parse_args(["--steps", "swinl,env"]).steps == ["env", "swinl"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "env,bogus"], "unknown step(s) ['bogus']"),
+    (["--swinl-size", "800"], "--swinl-size must be HxW"),
+    (["--swinl-size", "16x16"], "at least 32x32"),
+    (["--swinl-variants", "7scale"], "unknown variant(s) ['7scale']"),
+    (["--deadline", "0"], "--deadline must be positive"),
+    (["--swinl-images", "0"], "--swinl-images must be >= 1"),
+])
+def test_bad_arguments_end_with_a_usage_error_naming_the_argument(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        acceptance.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_report_is_rewritten_after_each_step_and_names_the_first_failure(tmp_path):
+    report = acceptance.Report(tmp_path / "sub" / "report.json")
+    report.record("env", {"status": "passed", "seconds": 1.0, "gpu": "X"})
+    on_disk = json.loads(report.path.read_text())
+    assert on_disk["passed"] is True and on_disk["failed_step"] is None
+    assert on_disk["steps"]["env"]["gpu"] == "X"
+    report.record("build", {"status": "failed", "seconds": 2.0, "error": "nvcc exploded"})
+    report.record("tests", {"status": "skipped", "seconds": 0.0, "error": "step build failed"})
+    on_disk = json.loads(report.path.read_text())
+    assert on_disk["passed"] is False and on_disk["failed_step"] == "build"
+    assert list(on_disk["steps"]) == ["env", "build", "tests"]
+    assert not list(report.path.parent.glob(".*tmp"))  # no temp file left beside it
+
+
+def test_a_step_that_overruns_its_limit_is_killed_with_everything_it_started():
+    started = time.monotonic()
+    code, _ = acceptance.run_subprocess(["bash", "-c", "sleep 60 & sleep 60"], limit=1.0)
+    assert code is None
+    assert time.monotonic() - started < 10
+
+
+def test_a_child_result_is_read_from_its_last_result_line():
+    out = f"noise\n{acceptance.RESULT_PREFIX}{{\"a\": 1}}\nmore noise\n{acceptance.RESULT_PREFIX}{{\"a\": 2}}\n"
+    assert acceptance.child_result(out) == {"a": 2}
+    assert acceptance.child_result("no result here") is None
+
+
+def test_junit_counts_read_pytest_totals(tmp_path):
+    xml = tmp_path / "junit.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" tests="13" failures="1" errors="0" '
+                   'skipped="2"></testsuite></testsuites>')
+    assert acceptance.junit_counts(xml) == {"tests": 13, "failures": 1, "errors": 0, "skipped": 2, "passed": 10}
+    assert acceptance.junit_counts(tmp_path / "absent.xml") == {}
+
+
+def test_the_gpu_test_step_collects_only_modules_with_gpu_tests():
+    files = acceptance.gpu_test_files()
+    assert "tests/test_msda.py" in files
+    assert all(acceptance.GPU_MARK.search((REPO / f).read_text()) for f in files)
+    assert "tests/test_gpu_acceptance.py" not in files
+
+
+def test_synthetic_batch_looks_like_a_loader_batch():
+    batch = acceptance.synthetic_batch(2, 40, 56, num_classes=5, boxes_per_image=3)
+    assert batch.images.shape == (2, 3, 40, 56) and batch.masks.shape == (2, 40, 56)
+    assert not batch.masks.any()
+    for target in batch.targets:
+        assert target["boxes"].shape == (3, 4) and target["labels"].dtype == torch.int64
+        assert ((target["labels"] >= 1) & (target["labels"] < 5)).all()
+        cx, cy, w, h = target["boxes"].unbind(1)
+        assert ((cx - w / 2) > 0).all() and ((cx + w / 2) < 1).all()
+        assert ((cy - h / 2) > 0).all() and ((cy + h / 2) < 1).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without a GPU")
+def test_without_a_gpu_the_run_fails_at_the_env_step_and_skips_the_rest(tmp_path):
+    out = tmp_path / "report.json"
+    result = run_script("--steps", "env,build,tests", "--out", str(out), "--deadline", "120")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(
+        "GPU acceptance FAILED at step env: torch sees no CUDA device")
+    report = json.loads(out.read_text())
+    assert report["failed_step"] == "env"
+    assert report["steps"]["env"]["torch"] == torch.__version__
+    assert [report["steps"][s]["status"] for s in ("build", "tests")] == ["skipped", "skipped"]
+    assert report["steps"]["build"]["error"] == "step env failed"
+
+
+def test_a_deadline_too_short_for_a_step_skips_it_and_fails_the_run(tmp_path):
+    out = tmp_path / "report.json"
+    result = run_script("--steps", "msda", "--out", str(out), "--deadline", "3")
+    assert result.returncode == 1
+    report = json.loads(out.read_text())
+    assert report["steps"]["msda"]["status"] == "skipped"
+    assert "s left" in report["steps"]["msda"]["error"]
+
+
+@pytest.mark.slow
+def test_the_swin_l_training_step_runs_on_the_cpu_at_a_small_size(tmp_path):
+    out = tmp_path / "report.json"
+    result = run_script("--steps", "swinl", "--swinl-device", "cpu", "--swinl-size", "64x96",
+                        "--swinl-images", "1", "--swinl-warmup", "0", "--swinl-steps", "1",
+                        "--swinl-precision", "fp32", "--swinl-variants", "", "--out", str(out),
+                        "--deadline", "400", "model.num_queries=50", "model.dn_number=10", timeout=450)
+    assert result.returncode == 0, result.stdout + result.stderr
+    swinl = json.loads(out.read_text())["steps"]["swinl"]
+    assert swinl["status"] == "passed", swinl
+    assert swinl["device"] == "cpu" and swinl["image_hw"] == [64, 96]
+    assert swinl["num_feature_levels"] == 4 and swinl["backbone_checkpointing"] is True
+    # the official Swin-L DINO-4scale (91 classes, 900 queries) with 366 classes: two class
+    # heads (decoder, shared by its layers; encoder) and the denoising label table grow by
+    # 275 rows; 850 fewer query rows
+    assert swinl["parameters"] == 217_230_066 + 2 * 275 * 257 + 275 * 256 - 850 * 256
+    assert len(swinl["losses"]) == 1 and all(map(math.isfinite, swinl["losses"]))
+    assert swinl["seconds_per_step"] > 0 and swinl["images_per_second"] > 0
+    assert set(swinl["phase_seconds"]) == {"forward", "loss", "backward", "step"}
+    assert swinl["peak_rss_gib"] > 0
