@@ -419,6 +419,7 @@ def child_swinl(args: argparse.Namespace) -> dict[str, Any]:
     from dino_scale.config import load_config
     from dino_scale.engine import Components, Trainer
     from dino_scale.engine.batching import batch_to, outputs_to_float
+    from dino_scale.engine.optim import apply_lr, lr_factor
 
     height, width = args.swinl_hw
     output_dir = tempfile.mkdtemp(prefix="dino_gpu_swinl_")
@@ -449,6 +450,7 @@ def child_swinl(args: argparse.Namespace) -> dict[str, Any]:
         sync()
         t0 = time.perf_counter()
         images, masks, targets = batch_to(batch, device, trainer.dtype)
+        apply_lr(trainer.optimizer, lr_factor(cfg.optim, i, 0))  # the trainer's schedule (warm-up)
         outputs = engine(images, masks, targets)
         sync()
         t1 = time.perf_counter()
