@@ -22,3 +22,12 @@ def test_summary_swin_l_per_config(capsys):
     assert "217.2M" in capsys.readouterr().out
     assert main([str(REPO / "configs/pretrain_o365_swinl.yaml")]) == 0
     assert "217,441,816" in capsys.readouterr().out
+
+
+def test_summary_swin_l_5scale_per_config(capsys):
+    # counted from the official code: build_dino on config/DINO/DINO_5scale.py with
+    # swin_L_384_22k, 91 and 366 classes (dn label book = classes)
+    assert main([str(REPO / "configs/finetune_coco_swinl_5scale.yaml")]) == 0
+    assert "217,576,690" in capsys.readouterr().out
+    assert main([str(REPO / "configs/pretrain_o365_swinl_5scale.yaml")]) == 0
+    assert "217,788,440" in capsys.readouterr().out
