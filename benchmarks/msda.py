@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure_memory_child(shapes[0], args.locations, args.memory_child, dtype)))
         return
 
+    from dino_scale.hardware import cpu_features_line
     from dino_scale.ops import NATIVE
 
     peak_flops, peak_bw = machine_peaks() if args.device == "cpu" else (math.nan, math.nan)
@@ -262,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
                      "native": NATIVE, "repeats": args.repeats, "shapes": {}}
     print(f"torch {torch.__version__}, {args.device}, value {args.dtype}, {args.threads} threads, native op: {NATIVE}, "
           f"locations: {args.locations}, medians of {args.repeats} interleaved runs")
-    print(f"machine: matmul {peak_flops / 1e9:.0f} GFLOP/s, streaming copy {peak_bw / 1e9:.1f} GB/s")
+    print(f"machine: matmul {peak_flops / 1e9:.0f} GFLOP/s, streaming copy {peak_bw / 1e9:.1f} GB/s; "
+          f"{cpu_features_line()}")
+    figures["cpu_features"] = cpu_features_line()
     for shape in shapes:
         print(f"\n{shape.name}: N={shape.batch} Lq={shape.queries} M={shape.heads} "
               f"D={shape.channels} L={len(LEVELS)} P={shape.points} S={shape.value_len} "

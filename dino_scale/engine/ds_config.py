@@ -5,7 +5,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
+
 from dino_scale.config import Config
+from dino_scale.hardware import cpu_features_line, cpu_has_native_bf16
+from dino_scale.log import get_logger
+
+log = get_logger(__name__)
 
 
 def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
@@ -24,14 +30,17 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     merged last, key by key.
     """
     ds = cfg.deepspeed
-    if ds.precision == "fp16":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "deepspeed.precision=fp16 needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
-                "use bf16 or fp32"
-            )
+    if ds.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "deepspeed.precision=fp16 needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
+            "use bf16 or fp32"
+        )
+    if ds.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        log.warning(
+            "deepspeed.precision=bf16 on a CPU without native bf16 (%s): bf16 matrix products are "
+            "emulated, ~100x slower than fp32 here; set deepspeed.precision=fp32 on this machine",
+            cpu_features_line(),
+        )
     micro = ds.micro_batch_per_gpu
     accum = ds.gradient_accumulation_steps
     if micro < 1 or accum < 1:
