@@ -84,6 +84,11 @@ class ModelConfig:
     cls_loss_coef: float = 1.0
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
+    # activation checkpointing per part (the backbone's is backbone.grad_checkpointing): each
+    # encoder / decoder layer's activations are recomputed in backward instead of kept; outputs
+    # and gradients are unchanged (the RNG state is restored for the recomputation)
+    checkpoint_encoder_layers: bool = False
+    checkpoint_decoder_layers: bool = False
     # inference
     num_select: int = 300
     # multi-scale deformable attention implementation: "auto" (native op, else the

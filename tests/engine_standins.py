@@ -64,9 +64,10 @@ class TinyLoader:
     """Deterministic per (seed, rank, epoch) stream with a resumable position; draws its
     augmentation noise from the global torch RNG so that RNG restore matters."""
 
-    def __init__(self, num_batches: int, batch_size: int, rank: int, seed: int, epoch: int = 0) -> None:
+    def __init__(self, num_batches: int, batch_size: int, rank: int, seed: int, epoch: int = 0,
+                 size: int = 16) -> None:
         self.num_batches, self.batch_size, self.rank, self.seed = num_batches, batch_size, rank, seed
-        self.epoch, self.position = epoch, 0
+        self.epoch, self.position, self.size = epoch, 0, size
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -81,11 +82,12 @@ class TinyLoader:
     def __iter__(self):
         while self.position < self.num_batches:
             g = torch.Generator().manual_seed(self.seed * 7919 + self.rank * 131 + self.epoch * 17 + self.position)
-            images = torch.rand(self.batch_size, 3, 16, 16, generator=g)
+            n = self.size
+            images = torch.rand(self.batch_size, 3, n, n, generator=g)
             images = images + 0.01 * torch.randn(images.shape)  # global RNG
             targets = [{"boxes": torch.rand(2, 4, generator=g) * 0.5 + 0.25,
                         "labels": torch.randint(0, 5, (2,), generator=g),
-                        "image_id": torch.tensor(i), "orig_size": torch.tensor([16, 16]),
-                        "size": torch.tensor([16, 16])} for i in range(self.batch_size)]
+                        "image_id": torch.tensor(i), "orig_size": torch.tensor([n, n]),
+                        "size": torch.tensor([n, n])} for i in range(self.batch_size)]
             self.position += 1
-            yield TinyBatch(images, torch.zeros(self.batch_size, 16, 16, dtype=torch.bool), targets)
+            yield TinyBatch(images, torch.zeros(self.batch_size, n, n, dtype=torch.bool), targets)

@@ -65,6 +65,8 @@ class DINO(nn.Module):
             num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
             num_feature_levels=cfg.num_feature_levels, enc_n_points=cfg.enc_n_points,
             dec_n_points=cfg.dec_n_points, num_classes=cfg.num_classes, msda_impl=cfg.msda_impl,
+            checkpoint_encoder_layers=cfg.checkpoint_encoder_layers,
+            checkpoint_decoder_layers=cfg.checkpoint_decoder_layers,
         )
         # one class head and one box head shared by every decoder layer
         self.class_embed = nn.Linear(d, cfg.num_classes)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from dino_scale.models.deformable_attention import MSDeformAttn
@@ -80,12 +81,13 @@ class Decoder(nn.Module):
     back-propagates into layer i-1's prediction as well.
     """
 
-    def __init__(self, layer: DecoderLayer, num_layers: int, d_model: int) -> None:
+    def __init__(self, layer: DecoderLayer, num_layers: int, d_model: int, checkpoint_layers: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.d_model = d_model
+        self.checkpoint_layers = checkpoint_layers
 
     def forward(self, tgt, reference_unsigmoid, memory, memory_padding_mask, spatial_shapes, level_start_index,
                 valid_ratios, bbox_embed: nn.Module, self_attn_mask=None):
@@ -103,8 +105,8 @@ class Decoder(nn.Module):
             reference_input = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             query_sine = box_sine_embedding(reference_input[:, :, 0, :], self.d_model // 2)
             query_pos = self.ref_point_head(query_sine.to(output.dtype))
-            output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
-                           memory_padding_mask, self_attn_mask)
+            output = run_layer(layer, self.checkpoint_layers, output, query_pos, reference_input, memory,
+                               spatial_shapes, level_start_index, memory_padding_mask, self_attn_mask)
             new_reference = (bbox_embed(output) + inverse_sigmoid(reference)).sigmoid()
             references.append(new_reference)
             reference = new_reference.detach()
@@ -124,16 +126,18 @@ class DeformableTransformer(nn.Module):
     def __init__(self, d_model: int = 256, n_heads: int = 8, num_queries: int = 900, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
                  num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
-                 num_classes: int = 91, msda_impl: str = "auto") -> None:
+                 num_classes: int = 91, msda_impl: str = "auto", checkpoint_encoder_layers: bool = False,
+                 checkpoint_decoder_layers: bool = False) -> None:
         super().__init__()
         self.d_model, self.num_queries = d_model, num_queries
+        self.checkpoint_encoder_layers = checkpoint_encoder_layers
         enc_layer = EncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads, enc_n_points,
                                  msda_impl)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(copy.deepcopy(enc_layer) for _ in range(num_encoder_layers))
         dec_layer = DecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads, dec_n_points,
                                  msda_impl)
-        self.decoder = Decoder(dec_layer, num_decoder_layers, d_model)
+        self.decoder = Decoder(dec_layer, num_decoder_layers, d_model, checkpoint_decoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         # learned content queries ("mixed query selection": anchors come from the encoder)
         self.tgt_embed = nn.Embedding(num_queries, d_model)
@@ -169,7 +173,8 @@ class DeformableTransformer(nn.Module):
         memory = src_flat
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         for layer in self.encoder.layers:
-            memory = layer(memory, pos_flat, reference_points, spatial_shapes, level_start_index, mask_flat)
+            memory = run_layer(layer, self.checkpoint_encoder_layers, memory, pos_flat, reference_points,
+                               spatial_shapes, level_start_index, mask_flat)
 
         # two-stage: score every memory token as a proposal, keep the top Q as anchors
         output_memory, output_proposals = encoder_output_proposals(memory, mask_flat, spatial_shapes)
@@ -189,6 +194,15 @@ class DeformableTransformer(nn.Module):
         hidden, references = self.decoder(tgt, reference, memory, mask_flat, spatial_shapes, level_start_index,
                                           valid_ratios, bbox_embed, attn_mask)
         return TransformerOutput(hidden, references, enc_hidden, selected_boxes_unsig.sigmoid())
+
+
+def run_layer(layer: nn.Module, checkpoint: bool, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """`layer(*inputs)`, with activation checkpointing when asked and training: the layer's
+    activations are recomputed in backward instead of kept. The RNG state is restored for the
+    recomputation, so dropout draws the same masks and outputs and gradients are unchanged."""
+    if checkpoint and layer.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False, preserve_rng_state=True)
+    return layer(*inputs)
 
 
 def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
