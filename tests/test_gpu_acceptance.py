@@ -159,3 +159,36 @@ def test_the_swin_l_training_step_runs_on_the_cpu_at_a_small_size(tmp_path):
     assert swinl["seconds_per_step"] > 0 and swinl["images_per_second"] > 0
     assert set(swinl["phase_seconds"]) == {"forward", "loss", "backward", "step"}
     assert swinl["peak_rss_gib"] > 0
+
+
+def load_memory_benchmark():
+    spec = importlib.util.spec_from_file_location("memory_benchmark", REPO / "benchmarks" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_memory_benchmark_counts_less_saved_activation_with_more_checkpointing(tmp_path):
+    memory = load_memory_benchmark()
+    # Swin-L's layout at a small width, so that the CPU count runs in seconds
+    argv = ["--device", "cpu", "--size", "64x96", "--images", "1", "--precisions", "fp32", "--models", "5scale",
+            "--combinations", "none,backbone+encoder+decoder", "--repeats", "1",
+            "--json", str(tmp_path / "m.json"), "--write", str(tmp_path / "m.md"),
+            "model.num_queries=30", "model.dn_number=4",
+            "model.backbone.timm_kwargs={embed_dim: 16, depths: [2, 2, 2, 2], num_heads: [1, 2, 4, 8]}"]
+    assert memory.main(argv) == 0
+    rows = {r["checkpointing"]: r for r in json.loads((tmp_path / "m.json").read_text())["rows"]}
+    none, everything = rows["none"], rows["backbone+encoder+decoder"]
+    assert 0 < everything["activation_gib"] < 0.5 * none["activation_gib"]
+    assert none["time_ratio"] == 1.0 and everything["model_state_gib"] == none["model_state_gib"]
+    assert none["model_state_gib"] * 2**30 == 16 * none["parameters"]
+    table = (tmp_path / "m.md").read_text()
+    assert "| 5scale | fp32 | 1 | backbone+encoder+decoder |" in table
+
+
+def test_the_memory_benchmark_refuses_unknown_names():
+    memory = load_memory_benchmark()
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--combinations", "everything"])

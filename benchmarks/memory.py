@@ -1,0 +1,241 @@
+"""Peak training-step memory of the Swin-L DINO, by activation-checkpointing combination.
+
+    python benchmarks/memory.py --device cuda --json mem.json --write docs/memory.md
+    python benchmarks/memory.py --device cpu --size 64x96 --images 1 --precisions fp32
+
+For the 4-scale and 5-scale Swin-L DINO (configs/pretrain_o365_swinl*.yaml), each number of
+images per step, each precision and each checkpointing combination (none, backbone, encoder,
+decoder, and their unions), one forward + loss + backward on a synthetic batch (20 boxes per
+image, denoising on) is measured in one run:
+
+- activations: on CUDA, torch.cuda.max_memory_allocated() during the step above what was
+  allocated before it, with parameters and gradient buffers already in place (so: saved
+  activations, recomputation, temporaries and workspace); on the CPU, where allocators
+  differ, the bytes autograd saves for backward (each storage counted once, what a
+  checkpointed layer keeps included, its recomputation in backward not);
+- model states, counted as DeepSpeed does for one GPU without partitioning: fp32 training
+  16 bytes/parameter (weights, gradients, Adam moments); bf16 mixed precision 20 bytes
+  (2-byte weights and gradients, fp32 master weights, gradients and moments). ZeRO-2 over N
+  GPUs divides the 16 bytes of optimizer-side state by N (docs/zero_memory.md);
+- step seconds (median of --repeats after a warm-up) and their ratio to no checkpointing of
+  the same model, images and precision.
+
+The optimizer step is left out: it costs the same whatever is checkpointed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dino_scale.config import load_config  # noqa: E402
+from dino_scale.engine.batching import batch_to, outputs_to_float  # noqa: E402
+from dino_scale.hardware import cpu_features_line  # noqa: E402
+from dino_scale.models import build_criterion, build_dino  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from gpu_acceptance import synthetic_batch  # noqa: E402
+
+MODELS = {
+    "4scale": REPO / "configs" / "pretrain_o365_swinl.yaml",
+    "5scale": REPO / "configs" / "pretrain_o365_swinl_5scale.yaml",
+}
+# parts checkpointed: backbone (Swin blocks), encoder layers, decoder layers
+COMBINATIONS = {
+    "none": (False, False, False),
+    "backbone": (True, False, False),
+    "encoder": (False, True, False),
+    "decoder": (False, False, True),
+    "backbone+encoder": (True, True, False),
+    "backbone+encoder+decoder": (True, True, True),
+}
+STATE_BYTES_PER_PARAM = {"fp32": 16, "bf16": 20}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GIB = 2**30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default="800x1333", help="image HxW")
+    p.add_argument("--images", default="1,2", help="images per step, comma-separated")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--models", default="4scale,5scale")
+    p.add_argument("--combinations", default=",".join(COMBINATIONS))
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (after one warm-up)")
+    p.add_argument("--json", default=None, help="write every measurement to this file")
+    p.add_argument("--write", default=None, help="write the markdown table to this file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def names(value: str, allowed, flag: str) -> list[str]:
+        chosen = [v for v in value.split(",") if v]
+        bad = [v for v in chosen if v not in allowed]
+        if bad or not chosen:
+            parser.error(f"{flag}: unknown {bad}; choose from {', '.join(allowed)}")
+        return chosen
+
+    args.models = names(args.models, MODELS, "--models")
+    args.precisions = names(args.precisions, DTYPES, "--precisions")
+    args.combinations = names(args.combinations, COMBINATIONS, "--combinations")
+    try:
+        args.images = [int(v) for v in args.images.split(",")]
+        args.hw = tuple(int(v) for v in args.size.lower().split("x"))
+        assert len(args.hw) == 2 and min(args.hw) >= 32 and min(args.images) >= 1
+    except (ValueError, AssertionError):
+        parser.error(f"--size must be HxW (>= 32) and --images positive integers, got {args.size!r}, {args.images!r}")
+    return args
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward while active (each storage once)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        self.storages.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def set_checkpointing(model: torch.nn.Module, combination: str) -> None:
+    backbone, encoder, decoder = COMBINATIONS[combination]
+    model.backbone.grad_checkpointing = backbone
+    model.transformer.checkpoint_encoder_layers = encoder
+    model.transformer.decoder.checkpoint_layers = decoder
+
+
+def one_step(model, criterion, batch, device, dtype, counter: SavedBytes | None = None) -> None:
+    images, masks, targets = batch_to(batch, device, dtype)
+    if counter is None:
+        outputs = model(images, masks, targets)
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            outputs = model(images, masks, targets)
+    loss = criterion(outputs_to_float(outputs), targets)["loss"]
+    loss.backward()
+
+
+def measure(model, criterion, batch, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    one_step(model, criterion, batch, device, dtype)  # warm-up: gradient buffers now exist
+    model.zero_grad(set_to_none=False)
+    seconds, activation_bytes = [], 0
+    for i in range(repeats):
+        counter = None if cuda or i > 0 else SavedBytes()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        one_step(model, criterion, batch, device, dtype, counter)
+        sync()
+        seconds.append(time.perf_counter() - start)
+        if cuda:
+            activation_bytes = max(activation_bytes, torch.cuda.max_memory_allocated() - before)
+        elif counter is not None:
+            activation_bytes = counter.total
+        model.zero_grad(set_to_none=False)
+    return {"seconds": statistics.median(seconds), "activation_bytes": activation_bytes}
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    height, width = args.hw
+    rows = []
+    for name in args.models:
+        cfg = load_config(MODELS[name], ["model.backbone.grad_checkpointing=false", *args.overrides])
+        for precision in args.precisions:
+            dtype = DTYPES[precision]
+            torch.manual_seed(0)
+            model = build_dino(cfg.model).to(device=device, dtype=dtype).train()
+            criterion = build_criterion(cfg.model)
+            if hasattr(criterion, "to"):
+                criterion.to(device)
+            params = sum(p.numel() for p in model.parameters())
+            states = params * STATE_BYTES_PER_PARAM[precision]
+            for images in args.images:
+                batch = synthetic_batch(images, height, width, cfg.model.num_classes, boxes_per_image=20)
+                baseline = None
+                for combination in args.combinations:
+                    set_checkpointing(model, combination)
+                    m = measure(model, criterion, batch, device, dtype, args.repeats)
+                    if combination == "none":
+                        baseline = m["seconds"]
+                    row = {"model": name, "precision": precision, "images": images, "checkpointing": combination,
+                           "parameters": params, "model_state_gib": states / GIB,
+                           "activation_gib": m["activation_bytes"] / GIB,
+                           "total_gib": (states + m["activation_bytes"]) / GIB, "seconds": m["seconds"],
+                           "time_ratio": m["seconds"] / baseline if baseline else None}
+                    rows.append(row)
+                    print(f"{name} {precision} {images} img {combination:>25}: activations "
+                          f"{row['activation_gib']:6.2f} GiB, total {row['total_gib']:6.2f} GiB, "
+                          f"{row['seconds']:.3f} s" + (f" ({row['time_ratio']:.2f}x)" if baseline else ""),
+                          flush=True)
+            del model, criterion
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str) -> str:
+    what = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "bytes autograd saves"
+    lines = [
+        f"# Swin-L DINO training-step memory by activation checkpointing ({args.size}, {machine})",
+        "",
+        f"Measured by `python benchmarks/memory.py --device {args.device}` (activations: {what};",
+        "model states: DeepSpeed's accounting for one GPU without partitioning, fp32 16 B/param,",
+        "bf16 mixed precision 20 B/param). Time: forward + loss + backward, ratio to no",
+        "checkpointing of the same row group. Synthetic batch, 20 boxes per image, denoising on.",
+        "",
+        "| model | precision | images | checkpointed | activations (GiB) | + model states (GiB) | step (s) | vs none |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        ratio = f"{r['time_ratio']:.2f}x" if r["time_ratio"] else ""
+        lines.append(f"| {r['model']} | {r['precision']} | {r['images']} | {r['checkpointing']} | "
+                     f"{r['activation_gib']:.2f} | {r['total_gib']:.2f} | {r['seconds']:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = (torch.cuda.get_device_name(0) if args.device == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads, {cpu_features_line()}")
+    print(f"torch {torch.__version__}, {machine}, images {args.size}", flush=True)
+    rows = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "size": args.size,
+                                               "rows": rows}, indent=2))
+    if args.write:
+        Path(args.write).write_text(markdown(rows, args, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
