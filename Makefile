@@ -29,7 +29,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard ops/*.h ops/*.cpp ops/*.cu)
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard ops/*.h ops/*.cuh ops/*.cpp ops/*.cu)
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)

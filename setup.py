@@ -80,7 +80,8 @@ def _ext_modules() -> tuple[list, dict]:
     with_cuda = _want_cuda()
     kwargs = extension_kwargs(with_cuda)
     make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
-    ext = make(name="dino_scale.ops._C", depends=[str(p.relative_to(ROOT)) for p in OPS.glob("*.h")], **kwargs)
+    headers = sorted([*OPS.glob("*.h"), *OPS.glob("*.cuh")])
+    ext = make(name="dino_scale.ops._C", depends=[str(p.relative_to(ROOT)) for p in headers], **kwargs)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "msda_core.h"
+
 namespace dino_scale {
 namespace msda {
 
@@ -14,10 +16,6 @@ namespace msda {
 inline at::ScalarType accumulate_dtype(at::ScalarType value_dtype) {
   return value_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
-
-struct Geometry {
-  int64_t batch, value_len, heads, channels, levels, points, queries;
-};
 
 inline Geometry check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                              const at::Tensor& level_start_index,
@@ -80,11 +78,6 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& v
               grad_output.scalar_type());
   TORCH_CHECK(grad_output.device() == value.device(), "ms_deform_attn: grad_output is on ",
               grad_output.device(), " but value is on ", value.device());
-}
-
-// True when no query samples anything: the output and every gradient are zero.
-inline bool samples_nothing(const Geometry& g) {
-  return g.queries == 0 || g.levels == 0 || g.points == 0 || g.channels == 0;
 }
 
 // The tensors the kernels index with raw pointers, made contiguous (no copy when they are).

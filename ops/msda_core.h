@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MSDA_HOST_DEVICE __host__ __device__ __forceinline__
@@ -26,6 +27,21 @@
 
 namespace dino_scale {
 namespace msda {
+
+// Sizes of one call: value [N, S, M, D], sampling_locations [N, Lq, M, L, P, 2].
+struct Geometry {
+  int64_t batch, value_len, heads, channels, levels, points, queries;
+};
+
+// True when no query samples anything: the output and every gradient are zero.
+inline bool samples_nothing(const Geometry& g) {
+  return g.queries == 0 || g.levels == 0 || g.points == 0 || g.channels == 0;
+}
+
+// The dtype the kernels accumulate in (at::opmath_type without ATen): float32 for
+// float32/bfloat16/float16 values, float64 for float64.
+template <typename scalar_t>
+using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
 MSDA_HOST_DEVICE float floor_of(float v) { return floorf(v); }
 MSDA_HOST_DEVICE double floor_of(double v) { return floor(v); }
