@@ -58,7 +58,8 @@ struct Corners {
 };
 
 // Corners and weights of the sample at normalised location (loc_x, loc_y) on an H x W level.
-// A sample whose whole footprint lies outside the map has all four corners outside.
+// A sample whose whole footprint lies outside the map has all four corners outside; so has a
+// non-finite location, whose lx and ly are then 0 so that no NaN reaches the gradients.
 template <typename acc_t>
 MSDA_HOST_DEVICE Corners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int32_t height,
                                                  int32_t width) {
@@ -68,13 +69,13 @@ MSDA_HOST_DEVICE Corners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int32
   const acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
   const acc_t fx = floor_of(x);
   const acc_t fy = floor_of(y);
-  c.lx = x - fx;
-  c.ly = y - fy;
-  const acc_t hx = acc_t(1) - c.lx;
-  const acc_t hy = acc_t(1) - c.ly;
   // Locations far outside (or NaN) must not overflow the integer conversion below.
   const bool in_range = fx > acc_t(-2) && fy > acc_t(-2) && fx < static_cast<acc_t>(width) &&
                         fy < static_cast<acc_t>(height);
+  c.lx = in_range ? x - fx : acc_t(0);
+  c.ly = in_range ? y - fy : acc_t(0);
+  const acc_t hx = acc_t(1) - c.lx;
+  const acc_t hy = acc_t(1) - c.ly;
   const int32_t x0 = in_range ? static_cast<int32_t>(fx) : -2;
   const int32_t y0 = in_range ? static_cast<int32_t>(fy) : -2;
   const acc_t w[4] = {hy * hx, hy * c.lx, c.ly * hx, c.ly * c.lx};
@@ -89,8 +90,14 @@ MSDA_UNROLL
   return c;
 }
 
+MSDA_HOST_DEVICE bool all_outside(const int32_t pixel[4]) {
+  return (pixel[0] & pixel[1] & pixel[2] & pixel[3]) < 0;
+}
+
 // Gradients of one sample's contribution  attn * sum_k weight_k * <value_k, grad_out>.
 // corner_dot[k] = <value at corner k, grad_out> over the channels (0 for corners outside).
+// A sample entirely outside the map (non-finite locations included) has zero gradients,
+// whatever its attention weight.
 template <typename acc_t>
 struct SampleGradsT {
   acc_t grad_attn;   // d / d attention_weight
@@ -102,6 +109,10 @@ template <typename acc_t>
 MSDA_HOST_DEVICE SampleGradsT<acc_t> sample_grads(const Corners<acc_t>& c, const acc_t corner_dot[4],
                                                   acc_t attn, int32_t height, int32_t width) {
   SampleGradsT<acc_t> g;
+  if (all_outside(c.pixel)) {
+    g.grad_attn = g.grad_loc_x = g.grad_loc_y = acc_t(0);
+    return g;
+  }
   g.grad_attn = c.weight[0] * corner_dot[0] + c.weight[1] * corner_dot[1] +
                 c.weight[2] * corner_dot[2] + c.weight[3] * corner_dot[3];
   const acc_t hx = acc_t(1) - c.lx;

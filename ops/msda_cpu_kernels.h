@@ -33,7 +33,7 @@ MSDA_TARGET void forward_range(const ForwardArgs<scalar_t>& args, int64_t begin,
           const int64_t s = sample0 + l * P + p;
           const Corners<acc_t> c = bilinear_corners<acc_t>(
               args.locations[2 * s], args.locations[2 * s + 1], height, width);
-          if ((c.pixel[0] & c.pixel[1] & c.pixel[2] & c.pixel[3]) < 0) continue;  // all outside
+          if (all_outside(c.pixel)) continue;
           const acc_t a = args.weights[s];
           const scalar_t* r[4];
           acc_t w[4];
@@ -110,7 +110,7 @@ MSDA_TARGET void backward_range(const BackwardArgs<scalar_t>& args, int64_t begi
           const Corners<acc_t> c = bilinear_corners<acc_t>(
               args.locations[2 * s], args.locations[2 * s + 1], height, width);
           const acc_t a = args.weights[s];
-          if ((c.pixel[0] & c.pixel[1] & c.pixel[2] & c.pixel[3]) < 0) {
+          if (all_outside(c.pixel)) {
             args.grad_weights[s] = acc_t(0);
             args.grad_locations[2 * s] = acc_t(0);
             args.grad_locations[2 * s + 1] = acc_t(0);

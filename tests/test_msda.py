@@ -192,6 +192,36 @@ def test_all_samples_outside_give_zeros():
     assert not weights.grad.any()
 
 
+def with_non_finite_locations(inputs):
+    """The inputs with NaN, +inf and -inf in x or y of some sampling locations; and a mask of
+    the samples hit."""
+    value, shapes, starts, loc, weights = inputs
+    loc = loc.clone()
+    flat = loc.view(-1, 2)
+    for i, (coordinate, bad) in enumerate([(0, float("nan")), (1, float("nan")),
+                                           (0, float("inf")), (1, float("-inf")),
+                                           (0, float("-inf")), (1, float("inf"))]):
+        flat[3 * i + 1, coordinate] = bad
+    hit = ~loc.isfinite().all(-1)
+    return (value, shapes, starts, loc, weights), hit
+
+
+def test_non_finite_locations_sample_nothing_and_get_zero_gradients():
+    inputs, hit = with_non_finite_locations(make_inputs(channels=4, queries=6, margin=0.1))
+    out, (g_value, g_loc, g_weights) = _run(ms_deform_attn, inputs)
+    value, shapes, starts, loc, weights = inputs
+    # The same as giving those samples no weight and a harmless location.
+    loc_ok = torch.where(hit[..., None], torch.zeros_like(loc), loc)
+    weights_ok = torch.where(hit, torch.zeros_like(weights), weights)
+    ref_out, (r_value, r_loc, r_weights) = _run(ms_deform_attn, (value, shapes, starts, loc_ok,
+                                                                 weights_ok))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(g_value, r_value)
+    assert not g_loc[hit].any() and not g_weights[hit].any()
+    torch.testing.assert_close(g_loc[~hit], r_loc[~hit])
+    torch.testing.assert_close(g_weights[~hit], r_weights[~hit])
+
+
 def test_non_contiguous_inputs():
     value, shapes, starts, loc, weights = make_inputs(channels=4, heads=2)
     value_t = value.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
@@ -337,6 +367,17 @@ def test_cuda_matches_cpu(dtype, channels):
     for g, c in zip(cuda_grads, cpu_grads):
         loose = max(tol, 1e-4) if g.dtype != dtype else tol
         torch.testing.assert_close(g.cpu(), c, rtol=loose, atol=loose * 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_on_non_finite_locations():
+    inputs, _ = with_non_finite_locations(make_inputs(channels=36, heads=2, dtype=torch.float32))
+    cpu_out, cpu_grads = _run(ms_deform_attn, inputs)
+    cuda_out, cuda_grads = _run(ms_deform_attn, tuple(t.cuda() for t in inputs))
+    for got, want in zip((cuda_out, *cuda_grads), (cpu_out, *cpu_grads)):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

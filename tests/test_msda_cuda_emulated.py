@@ -11,7 +11,7 @@ import torch
 import dino_scale.ops as msda_ops
 from emulated_cuda import (EMU, KERNELS, CompileError, EmulatedMsda, EmulatorError,
                            build_libraries, compile_command)
-from test_msda import _run, make_inputs
+from test_msda import _run, make_inputs, with_non_finite_locations
 
 pytestmark = [
     pytest.mark.skipif(platform.machine() != "x86_64", reason="cuda_emu is x86-64 only"),
@@ -120,6 +120,12 @@ CASES = {
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_emulated_kernels_match_the_cpu_op_on_edge_shapes(emulated, case):
     assert mismatch(emulated, _inputs(**CASES[case])) is None
+
+
+@pytest.mark.parametrize("channels", [5, 48])
+def test_emulated_kernels_match_the_cpu_op_on_non_finite_locations(emulated, channels):
+    inputs, _ = with_non_finite_locations(_inputs(channels=channels))
+    assert mismatch(emulated, inputs) is None
 
 
 def test_float64_gradcheck_through_the_emulated_kernels(emulated):
