@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "msda_core.h"
 
 namespace dino_scale {
@@ -65,6 +67,41 @@ inline Geometry check_inputs(const at::Tensor& value, const at::Tensor& spatial_
   TORCH_CHECK(attention_weights.device() == device, "ms_deform_attn: attention_weights is on ",
               attention_weights.device(), " but value is on ", device);
   return Geometry{batch, value.size(1), heads, value.size(3), levels, points, queries};
+}
+
+// Level geometry, read on the host.
+struct Level {
+  int64_t height, width, start;
+};
+
+// Reads spatial_shapes and level_start_index and checks them against value's S: sizes
+// non-negative, fewer than 2^31 pixels per level (the kernels index pixels with int32),
+// starts the running sums of the sizes, sizes summing to S. Both kernels index value with
+// them, so a wrong one would read and write out of bounds. For CUDA tensors this is a
+// small copy to the host, which waits for the stream.
+inline std::vector<Level> check_levels(const at::Tensor& spatial_shapes,
+                                       const at::Tensor& level_start_index, int64_t value_len) {
+  const auto shapes = spatial_shapes.to(at::kCPU).contiguous();
+  const auto starts = level_start_index.to(at::kCPU).contiguous();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  const int64_t* st = starts.data_ptr<int64_t>();
+  std::vector<Level> levels(shapes.size(0));
+  int64_t expected_start = 0;
+  for (size_t l = 0; l < levels.size(); ++l) {
+    levels[l] = Level{hw[2 * l], hw[2 * l + 1], st[l]};
+    TORCH_CHECK(levels[l].height >= 0 && levels[l].width >= 0,
+                "ms_deform_attn: spatial_shapes has a negative size at level ", l);
+    TORCH_CHECK(levels[l].height < (int64_t(1) << 31) && levels[l].width < (int64_t(1) << 31) &&
+                    levels[l].height * levels[l].width < (int64_t(1) << 31),
+                "ms_deform_attn: spatial_shapes level ", l, " has 2^31 pixels or more");
+    TORCH_CHECK(levels[l].start == expected_start, "ms_deform_attn: level_start_index[", l,
+                "] is ", levels[l].start, " but the spatial_shapes before it sum to ",
+                expected_start);
+    expected_start += levels[l].height * levels[l].width;
+  }
+  TORCH_CHECK(expected_start == value_len, "ms_deform_attn: spatial_shapes sum to ",
+              expected_start, " pixels but value has S = ", value_len);
+  return levels;
 }
 
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value,

@@ -39,35 +39,6 @@ void with_static_channels(int64_t channels, Fn&& fn) {
   }
 }
 
-// Level geometry read once per call.
-struct Level {
-  int64_t height, width, start;
-};
-
-std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
-                               const at::Tensor& level_start_index, int64_t value_len) {
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const int64_t* hw = shapes.data_ptr<int64_t>();
-  const int64_t* st = starts.data_ptr<int64_t>();
-  std::vector<Level> levels(shapes.size(0));
-  int64_t expected_start = 0;
-  for (size_t l = 0; l < levels.size(); ++l) {
-    levels[l] = Level{hw[2 * l], hw[2 * l + 1], st[l]};
-    TORCH_CHECK(levels[l].height >= 0 && levels[l].width >= 0,
-                "ms_deform_attn: spatial_shapes has a negative size at level ", l);
-    TORCH_CHECK(levels[l].height * levels[l].width < (int64_t(1) << 31),
-                "ms_deform_attn: spatial_shapes level ", l, " has 2^31 pixels or more");
-    TORCH_CHECK(levels[l].start == expected_start, "ms_deform_attn: level_start_index[", l,
-                "] is ", levels[l].start, " but the spatial_shapes before it sum to ",
-                expected_start);
-    expected_start += levels[l].height * levels[l].width;
-  }
-  TORCH_CHECK(expected_start == value_len, "ms_deform_attn: spatial_shapes sum to ",
-              expected_start, " pixels but value has S = ", value_len);
-  return levels;
-}
-
 template <typename scalar_t>
 struct ForwardArgs {
   Geometry geometry;
@@ -167,7 +138,7 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
                        const at::Tensor& attention_weights) {
   const Geometry g = check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights);
-  const auto levels = read_levels(spatial_shapes, level_start_index, g.value_len);
+  const auto levels = check_levels(spatial_shapes, level_start_index, g.value_len);
   auto out = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
   if (out.numel() == 0) return out;
   if (samples_nothing(g)) return out.zero_();
@@ -192,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const Geometry g = check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights);
   check_grad_output(grad_output, value, g);
-  const auto levels = read_levels(spatial_shapes, level_start_index, g.value_len);
+  const auto levels = check_levels(spatial_shapes, level_start_index, g.value_len);
   auto grad_value = at::empty(value.sizes(), value.options());
   auto grad_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
   auto grad_weights = at::empty(attention_weights.sizes(), attention_weights.options());

@@ -19,6 +19,7 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
                         const at::Tensor& attention_weights) {
   const Geometry g = check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights);
+  check_levels(spatial_shapes, level_start_index, g.value_len);
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::zeros({g.batch, g.queries, g.heads * g.channels}, value.options());
   const Operands in = contiguous_operands(value, sampling_locations, attention_weights);
@@ -42,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_output) {
   const Geometry g = check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                   attention_weights);
+  check_levels(spatial_shapes, level_start_index, g.value_len);
   check_grad_output(grad_output, value, g);
   const c10::cuda::CUDAGuard guard(value.device());
   const auto acc_dtype = accumulate_dtype(value.scalar_type());

@@ -15,6 +15,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "msda_core.h"
 
@@ -30,6 +32,8 @@ namespace msda {
 
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;
+static_assert(kThreads % kWarp == 0, "a block must be whole warps: the shuffles name 32 lanes");
+constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x
 
 template <typename scalar_t>
 __global__ void forward_kernel(Geometry g, const scalar_t* __restrict__ value,
@@ -144,12 +148,23 @@ inline int64_t blocks_for(const Geometry& g) {
   return (threads + kThreads - 1) / kThreads;
 }
 
+// Throws (before any launch) when one grid cannot hold a warp per (n, query, head).
+inline void check_grid(const Geometry& g) {
+  if (blocks_for(g) > kMaxBlocks) {
+    throw std::runtime_error(
+        "ms_deform_attn: sampling_locations [N, Lq, M, L, P, 2] has N * Lq * M = " +
+        std::to_string(g.batch * g.queries * g.heads) + " (n, query, head) triples, more than " +
+        "one CUDA launch covers (" + std::to_string(kMaxBlocks * (kThreads / kWarp)) + ")");
+  }
+}
+
 // The launches: nothing is launched when there is nothing to compute (the caller zeroes the
 // outputs).
 template <typename scalar_t>
 void launch_forward(const Geometry& g, const scalar_t* value, const int64_t* shapes,
                     const int64_t* starts, const acc_type<scalar_t>* locations,
                     const acc_type<scalar_t>* weights, scalar_t* out, cudaStream_t stream) {
+  check_grid(g);
   if (blocks_for(g) == 0 || samples_nothing(g)) return;
   MSDA_LAUNCH(forward_kernel<scalar_t>, blocks_for(g), kThreads, 0, stream)(
       g, value, shapes, starts, locations, weights, out);
@@ -161,6 +176,7 @@ void launch_backward(const Geometry& g, const scalar_t* value, const int64_t* sh
                      const acc_type<scalar_t>* weights, const scalar_t* grad_out,
                      acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_locations,
                      acc_type<scalar_t>* grad_weights, cudaStream_t stream) {
+  check_grid(g);
   if (blocks_for(g) == 0 || samples_nothing(g)) return;
   MSDA_LAUNCH(backward_kernel<scalar_t>, blocks_for(g), kThreads, 0, stream)(
       g, value, shapes, starts, locations, weights, grad_out, grad_value, grad_locations,

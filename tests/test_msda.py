@@ -296,17 +296,31 @@ def test_bad_inputs_name_the_argument(case):
         ms_deform_attn(**inputs)
 
 
-def test_native_checks_name_the_argument():
-    """Direct torch.ops calls skip the Python checks; the C++ side still names arguments."""
-    value, shapes, starts, loc, weights = make_inputs()
-    cases = [
+def native_check_cases(device: str = "cpu"):
+    """(arguments of the forward op, error it must raise) for inputs only C++ can check."""
+    value, shapes, starts, loc, weights = make_inputs(device=device)
+
+    def levels(*rows):
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+
+    return [
         ((value, shapes, starts, loc.float(), weights), "sampling_locations must be Double"),
         ((value, shapes, starts + 1, loc, weights), r"level_start_index\[0\]"),
         ((value, shapes * 2, starts * 4, loc, weights), "spatial_shapes sum to"),
         ((value, shapes.int(), starts, loc, weights), "spatial_shapes must be int64"),
         ((value, shapes, starts, loc, weights[:, :2]), "attention_weights must be"),
+        ((value, levels([-4, -5], [2, 3]), starts, loc, weights), "spatial_shapes has a negative"),
+        ((value, levels([1 << 16, 1 << 15], [2, 3]), starts, loc, weights),
+         "spatial_shapes level 0 has 2\\^31 pixels"),
+        ((value, levels([1 << 40, 1 << 40], [2, 3]), starts, loc, weights),
+         "spatial_shapes level 0 has 2\\^31 pixels"),
     ]
-    for args, message in cases:
+
+
+def test_native_checks_name_the_argument():
+    """Direct torch.ops calls skip the Python checks; the C++ side still names arguments."""
+    value, shapes, starts, loc, weights = make_inputs()
+    for args, message in native_check_cases():
         with pytest.raises(RuntimeError, match=message):
             OP(*args)
     out = OP(value, shapes, starts, loc, weights)
@@ -378,6 +392,18 @@ def test_cuda_matches_cpu_on_non_finite_locations():
     for got, want in zip((cuda_out, *cuda_grads), (cpu_out, *cpu_grads)):
         assert got.isfinite().all()
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_checks_levels_and_arguments_like_the_cpu_op():
+    for args, message in native_check_cases("cuda"):
+        with pytest.raises(RuntimeError, match=message):
+            OP(*args)
+    value, shapes, starts, loc, weights = make_inputs(device="cuda")
+    with pytest.raises(RuntimeError, match=r"level_start_index\[1\]"):
+        torch.ops.dino_scale.ms_deform_attn_backward(
+            value, shapes, starts * 2, loc, weights, OP(value, shapes, starts, loc, weights))
 
 
 @pytest.mark.gpu

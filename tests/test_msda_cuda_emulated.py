@@ -22,6 +22,7 @@ pytestmark = [
 MUTANTS = {
     "block-size-not-a-multiple-of-32": [
         ("constexpr int kThreads = 256;", "constexpr int kThreads = 100;", 1),
+        ("static_assert(kThreads % kWarp == 0", "// static_assert(kThreads % kWarp == 0", 1),
     ],
     "lane-returns-before-a-shuffle": [
         ("const bool active = c < D;", "const bool active = c < D;\n    if (!active) return;", 1),
@@ -38,6 +39,9 @@ MUTANTS = {
          "grad_locations[2 * s + 1] = sg.grad_loc_y;", 1),
     ],
 }
+
+
+BLOCK_SIZE = "block-size-not-a-multiple-of-32"
 
 
 def _mutate(source: str, replacements) -> str:
@@ -57,6 +61,11 @@ def libraries(tmp_path_factory):
         folder.mkdir()
         (folder / KERNELS.name).write_text(_mutate(KERNELS.read_text(), replacements))
         jobs[name] = compile_command(EMU / "msda_emu.cpp", folder / "msda_emu.so", [folder])
+    folder = out / "static-assert"
+    folder.mkdir()
+    (folder / KERNELS.name).write_text(_mutate(KERNELS.read_text(), MUTANTS[BLOCK_SIZE][:1]))
+    jobs["static-assert"] = [
+        *compile_command(EMU / "msda_emu.cpp", folder / "msda_emu.so", [folder]), "-fsyntax-only"]
     return build_libraries(jobs)
 
 
@@ -137,6 +146,21 @@ def test_float64_gradcheck_through_the_emulated_kernels(emulated):
         lambda v, l, w: op(v, shapes, starts, l, w),
         (value.requires_grad_(), loc.requires_grad_(), weights.requires_grad_()),
     )
+
+
+def test_a_grid_beyond_cuda_limits_is_refused_before_launch(emulated):
+    inputs = _inputs()
+    # The kernels are told of 2^32 queries; the tensors stay small, as nothing is read.
+    geometry = EmulatedMsda._geometry(inputs[0], inputs[3])
+    geometry[6] = 1 << 32
+    with pytest.raises(EmulatorError, match=r"sampling_locations .* N \* Lq \* M = 25769803776"):
+        emulated.forward(*inputs, geometry=geometry)
+
+
+def test_the_static_assert_refuses_a_block_size_that_is_not_whole_warps(libraries):
+    failure = libraries["static-assert"]
+    assert isinstance(failure, CompileError), "a block of 100 threads compiled"
+    assert "a block must be whole warps" in str(failure)
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=list(MUTANTS))
