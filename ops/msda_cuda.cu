@@ -45,6 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                                   attention_weights);
   check_levels(spatial_shapes, level_start_index, g.value_len);
   check_grad_output(grad_output, value, g);
+  // Float atomics add in whatever order the warps reach them.
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda (grad_value)");
   const c10::cuda::CUDAGuard guard(value.device());
   const auto acc_dtype = accumulate_dtype(value.scalar_type());
   // Atomics accumulate in float32 for half types; rounded once at the end.

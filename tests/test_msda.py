@@ -408,6 +408,19 @@ def test_cuda_checks_levels_and_arguments_like_the_cpu_op():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_backward_says_it_is_not_deterministic():
+    value, shapes, starts, loc, weights = _with_grads(make_inputs(device="cuda"))
+    out = ms_deform_attn(value, shapes, starts, loc, weights)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gradcheck_and_opcheck():
     value, shapes, starts, loc, weights = _with_grads(
         make_inputs(channels=3, heads=2, margin=0.5, device="cuda")
