@@ -17,9 +17,12 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 # The native op: the CUDA kernel is compiled whenever nvcc and a CUDA build of torch are
-# present, even without a GPU, so a broken .cu fails the install (and CI).
+# present, even without a GPU, so a broken .cu fails the install (and CI). The arch list
+# covers T4, A100, A10/A40, L4, H100/H200 and PTX for newer GPUs (setup.py has the same
+# default); .ci/run compiles only the oldest and newest, which is as much compiler time as
+# two archs.
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+export TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;8.9;9.0+PTX
 
 .PHONY: install test demo gpu-check clean
 

@@ -15,6 +15,9 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 OPS = ROOT / "ops"
+# T4 (sm_75), A100 (sm_80), A10/A40/RTX 30xx (sm_86), L4/L40 (sm_89), H100/H200 (sm_90), and
+# PTX that newer GPUs JIT-compile.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 
 
 def _default_cuda_env() -> None:
@@ -23,7 +26,7 @@ def _default_cuda_env() -> None:
     # queries GPUs (IndexError when there are none).
     if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
 
 
 def _want_cuda() -> bool:
