@@ -206,9 +206,11 @@ def with_non_finite_locations(inputs):
     return (value, shapes, starts, loc, weights), hit
 
 
-def test_non_finite_locations_sample_nothing_and_get_zero_gradients():
+@pytest.mark.parametrize("op", [ms_deform_attn, ms_deform_attn_reference],
+                         ids=["native", "reference"])
+def test_non_finite_locations_sample_nothing_and_get_zero_gradients(op):
     inputs, hit = with_non_finite_locations(make_inputs(channels=4, queries=6, margin=0.1))
-    out, (g_value, g_loc, g_weights) = _run(ms_deform_attn, inputs)
+    out, (g_value, g_loc, g_weights) = _run(op, inputs)
     value, shapes, starts, loc, weights = inputs
     # The same as giving those samples no weight and a harmless location.
     loc_ok = torch.where(hit[..., None], torch.zeros_like(loc), loc)

@@ -19,7 +19,8 @@ def ms_deform_attn_reference(
     value:              [N, S, M, D]        S = sum of H_l * W_l over levels
     spatial_shapes:     [L, 2] int64        (H_l, W_l)
     level_start_index:  [L] int64           offset of level l in S (unused: implied by shapes)
-    sampling_locations: [N, Lq, M, L, P, 2] (x, y) in [0, 1]; outside samples zeros
+    sampling_locations: [N, Lq, M, L, P, 2] (x, y) in [0, 1]; outside (or non-finite) samples
+                                            zeros
     attention_weights:  [N, Lq, M, L, P]
     returns:            [N, Lq, M * D]
 
@@ -32,6 +33,10 @@ def ms_deform_attn_reference(
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    # A non-finite location samples nothing, as in the native kernels (grid_sample would
+    # give NaN): it moves far outside the map, and `where` gives it a zero gradient.
+    finite = sampling_locations.isfinite().all(-1, keepdim=True)
+    grids = torch.where(finite, grids, torch.full_like(grids, -3.0))
     sampled = []
     for level, (h, w) in enumerate(shapes):
         # [N, H*W, M, D] -> [N*M, D, H, W]
