@@ -63,6 +63,20 @@ def test_shuffles_read_the_lanes_cuda_documents_within_width_16(selftest):
     assert torch.equal(out.long(), expected)
 
 
+def test_half_warps_shuffle_within_their_own_masks_at_different_sites(selftest):
+    out = torch.zeros(32, dtype=torch.int32)
+    assert run(selftest, "half_warps", out) == ""
+    lane = torch.arange(32)
+    v = torch.where(lane < 16, lane + (lane ^ 1), lane + (lane ^ 2))
+    assert torch.equal(out.long(), v.flip(0))
+
+
+def test_a_half_warp_may_sync_alone_while_the_other_half_waits_for_the_whole_warp(selftest):
+    out = torch.zeros(32, dtype=torch.int32)
+    assert run(selftest, "staggered_syncwarps", out) == ""
+    assert out.eq(1).all()
+
+
 MISUSES = {
     "exited_lane_in_mask": "names lane 3 of warp 0 in its mask, which has exited",
     "full_mask_in_partial_warp": "names lane 16 of warp 1 in its mask, which does not exist",

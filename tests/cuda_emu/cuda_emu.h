@@ -223,51 +223,85 @@ inline int source_lane(const Collective& c, int lane) {
   }
 }
 
-// Completes every warp collective whose lanes have all arrived; throws when a waiting lane's
-// collective can never complete. Called only when no thread is runnable.
+// Whether every lane that lane i's collective names waits at that same collective.
+inline bool group_arrived(const Thread* t, unsigned lanes, unsigned i) {
+  const Collective& c = t[i].at;
+  for (unsigned j = 0; j < 32; ++j) {
+    if (!(c.mask >> j & 1u)) continue;
+    if (j >= lanes || t[j].state != Thread::kWaiting || !same_collective(t[j].at, c)) return false;
+  }
+  return true;
+}
+
+// Hands each lane of lane i's (arrived) collective its result and lets them run on.
+inline void complete_group(Thread* t, unsigned warp, unsigned i) {
+  const Collective& c = t[i].at;
+  for (unsigned j = 0; j < 32; ++j) {
+    if (!(c.mask >> j & 1u) || c.op == Op::kSyncwarp) continue;
+    const int src = source_lane(t[j].at, static_cast<int>(j));
+    if (src < 0 || src >= 32 || !(c.mask >> src & 1u)) {
+      throw Error(lane_name(warp, j) + " at " + where(c) + " reads lane " +
+                  std::to_string(src) + ", which is not in the mask");
+    }
+    std::memcpy(t[j].at.result, t[src].at.value, c.size);
+  }
+  for (unsigned j = 0; j < 32; ++j) {
+    if (c.mask >> j & 1u) t[j].state = Thread::kRunnable;
+  }
+}
+
+// Throws what keeps lane i's collective from completing.
+[[noreturn]] inline void diagnose(const Thread* t, unsigned lanes, unsigned count, unsigned warp,
+                                  unsigned i) {
+  const Collective& c = t[i].at;
+  const std::string who = lane_name(warp, i) + " at " + where(c);
+  for (unsigned j = 0; j < 32; ++j) {
+    if (!(c.mask >> j & 1u)) continue;
+    if (j >= lanes) {
+      throw Error(who + " names " + lane_name(warp, j) + " in its mask, which does not exist" +
+                  " (the block has " + std::to_string(count) + " threads)");
+    }
+    if (t[j].state == Thread::kExited) {
+      throw Error(who + " names " + lane_name(warp, j) + " in its mask, which has exited");
+    }
+    if (!same_collective(t[j].at, c)) {
+      const bool same_place = t[j].at.op == c.op && t[j].at.line == c.line;
+      throw Error("lanes of one warp at different collectives: " + who + ", " +
+                  lane_name(warp, j) + " at " + where(t[j].at) +
+                  (same_place && t[j].at.mask != c.mask ? " with another mask" : "") +
+                  (same_place && t[j].at.type != c.type ? " with another value type" : ""));
+    }
+  }
+  throw Error(who + " cannot complete");
+}
+
+// Completes every warp collective whose lanes have all arrived. When none has and some lane
+// waits at one, that lane can never go on: throws why. Called only when no thread can run.
 inline bool complete_warp_collectives(Block& b) {
   const unsigned count = static_cast<unsigned>(b.threads.size());
   bool progressed = false;
   for (unsigned first = 0; first < count; first += 32) {
-    const unsigned warp = first / 32, lanes = std::min(32u, count - first);
     Thread* t = &b.threads[first];
+    const unsigned lanes = std::min(32u, count - first);
     for (unsigned i = 0; i < lanes; ++i) {
       if (t[i].state != Thread::kWaiting || t[i].at.op == Op::kSyncthreads) continue;
-      const Collective& c = t[i].at;
-      for (unsigned j = 0; j < 32; ++j) {
-        if (!(c.mask >> j & 1u)) continue;
-        const auto who = [&] { return lane_name(warp, i) + " at " + where(c); };
-        if (j >= lanes) {
-          throw Error(who() + " names " + lane_name(warp, j) + " in its mask, which does not exist"
-                      " (the block has " + std::to_string(count) + " threads)");
-        }
-        if (t[j].state == Thread::kExited) {
-          throw Error(who() + " names " + lane_name(warp, j) + " in its mask, which has exited");
-        }
-        if (!same_collective(t[j].at, c)) {
-          const bool same_place = t[j].at.op == c.op && t[j].at.line == c.line;
-          throw Error("lanes of one warp at different collectives: " + who() + ", " +
-                      lane_name(warp, j) + " at " + where(t[j].at) +
-                      (same_place && t[j].at.mask != c.mask ? " with another mask" : "") +
-                      (same_place && t[j].at.type != c.type ? " with another value type" : ""));
-        }
+      if (group_arrived(t, lanes, i)) {
+        complete_group(t, first / 32, i);
+        progressed = true;
       }
-      for (unsigned j = 0; j < lanes; ++j) {
-        if (!(c.mask >> j & 1u) || c.op == Op::kSyncwarp) continue;
-        const int src = source_lane(t[j].at, static_cast<int>(j));
-        if (src < 0 || src >= 32 || !(c.mask >> src & 1u)) {
-          throw Error(lane_name(warp, j) + " at " + where(c) + " reads lane " +
-                      std::to_string(src) + ", which is not in the mask");
-        }
-        std::memcpy(t[j].at.result, t[src].at.value, c.size);
-      }
-      for (unsigned j = 0; j < lanes; ++j) {
-        if (c.mask >> j & 1u) t[j].state = Thread::kRunnable;
-      }
-      progressed = true;
     }
   }
-  return progressed;
+  if (progressed) return true;
+  for (unsigned first = 0; first < count; first += 32) {
+    const Thread* t = &b.threads[first];
+    const unsigned lanes = std::min(32u, count - first);
+    for (unsigned i = 0; i < lanes; ++i) {
+      if (t[i].state == Thread::kWaiting && t[i].at.op != Op::kSyncthreads) {
+        diagnose(t, lanes, count, first / 32, i);
+      }
+    }
+  }
+  return false;
 }
 
 inline void release_barrier(Block& b) {

@@ -33,6 +33,27 @@ __global__ void shuffles(int* out) {
   out[4 * t + 3] = __shfl_xor_sync(0xffffffffu, t, 3, 16);
 }
 
+// Two half-warps shuffle at once, each within its own mask, then the whole warp.
+__global__ void half_warps(int* out) {
+  const int lane = threadIdx.x;
+  int v = lane;
+  if (lane < 16) {
+    v += __shfl_xor_sync(0x0000ffffu, v, 1);
+  } else {
+    v += __shfl_xor_sync(0xffff0000u, v, 2);
+  }
+  __syncwarp();
+  out[lane] = __shfl_sync(0xffffffffu, v, 31 - lane);
+}
+
+// Half a warp meets at its own __syncwarp while the other half already waits at the
+// whole warp's, which the first half reaches next.
+__global__ void staggered_syncwarps(int* out) {
+  if (threadIdx.x < 16) __syncwarp(0x0000ffffu);
+  __syncwarp();
+  out[threadIdx.x] = 1;
+}
+
 __global__ void exited_lane_in_mask(float* out) {
   if (threadIdx.x == 3) return;
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
@@ -82,6 +103,10 @@ extern "C" int emu_run(const char* name, void* data, int n, char* error, int err
       ::cuda_emu::launch(block_sum, dim3((n + 127) / 128), dim3(128), 0, nullptr)(f, f + n, n);
     } else if (k == "shuffles") {
       ::cuda_emu::launch(shuffles, dim3(1), dim3(8, 8), 0, nullptr)(static_cast<int*>(data));
+    } else if (k == "half_warps") {
+      ::cuda_emu::launch(half_warps, dim3(1), dim3(32), 0, nullptr)(static_cast<int*>(data));
+    } else if (k == "staggered_syncwarps") {
+      ::cuda_emu::launch(staggered_syncwarps, dim3(1), dim3(32), 0, nullptr)(static_cast<int*>(data));
     } else if (k == "exited_lane_in_mask") {
       ::cuda_emu::launch(exited_lane_in_mask, dim3(1), dim3(32), 0, nullptr)(f);
     } else if (k == "full_mask_in_partial_warp") {
