@@ -146,12 +146,13 @@ class OptimConfig:
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    # parameter-name substrings whose lr is multiplied by `lr_linear_proj_mult`
-    # (official DINO: sampling offsets and reference points)
+    # parameter-name substrings whose lr is multiplied by `lr_linear_proj_mult`. 1.0: the
+    # official DINO configs name these with 0.1 but choose param_dict_type 'default', whose
+    # groups (util/get_param_dicts.py) ignore them: sampling offsets train at `lr`.
     lr_linear_proj_names: list[str] = field(
         default_factory=lambda: ["reference_points", "sampling_offsets"]
     )
-    lr_linear_proj_mult: float = 0.1
+    lr_linear_proj_mult: float = 1.0
     # parameter-name substrings that get `lr_backbone` (official DINO: "backbone.0")
     lr_backbone_names: list[str] = field(default_factory=lambda: ["backbone."])
     epochs: int = 12

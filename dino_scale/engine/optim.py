@@ -1,8 +1,10 @@
 """Parameter groups and the learning-rate schedule of the official DINO recipe.
 
 Groups: backbone parameters at `lr_backbone` (1e-5), the deformable-attention sampling
-offsets and reference points at `lr * lr_linear_proj_mult` (1e-5), everything else at `lr`
-(1e-4); AdamW with weight decay 1e-4 on all of them. The schedule is a step decay
+offsets and reference points at `lr * lr_linear_proj_mult`, everything else at `lr` (1e-4);
+AdamW with weight decay 1e-4 on all of them. The official DINO recipe (param_dict_type
+'default') has only the backbone/rest split, i.e. `lr_linear_proj_mult` 1.0; Deformable
+DETR used 0.1. The schedule is a step decay
 (`lr *= gamma` at each milestone, counted in epochs or optimizer steps) with an optional
 linear warm-up over the first `warmup_steps` optimizer steps.
 """
