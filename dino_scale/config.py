@@ -74,7 +74,8 @@ class ModelConfig:
     # 1.0: config/DINO/DINO_4scale.py (and DINO.__init__) say 0.4, but every official
     # training script (scripts/DINO_train*.sh) overrides it with `--options
     # dn_box_noise_scale=1.0`, and the authors name 1.0 as the value that reproduces the
-    # published results (IDEA-Research/DINO issue #75).
+    # published results (IDEA-Research/DINO issue #75). tests/data/official_recipe.json
+    # records both.
     dn_box_noise_scale: float = 1.0
     dn_label_noise_ratio: float = 0.5
     # rows of the denoising label embedding minus one; None = num_classes (official default)

@@ -14,21 +14,6 @@ def test_every_shipped_config_loads(path):
     assert isinstance(cfg, Config)
 
 
-def test_r50_config_has_official_dino_values():
-    cfg = load_config(REPO / "configs/dino_r50_4scale_coco.yaml")
-    m = cfg.model
-    assert m.backbone.name == "resnet50"
-    assert (m.num_classes, m.hidden_dim, m.num_heads, m.num_feature_levels) == (91, 256, 8, 4)
-    assert (m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout) == (6, 6, 2048, 0.0)
-    assert (m.enc_n_points, m.dec_n_points, m.num_queries) == (4, 4, 900)
-    assert (m.dn_number, m.dn_box_noise_scale, m.dn_label_noise_ratio) == (100, 1.0, 0.5)
-    assert (m.set_cost_class, m.set_cost_bbox, m.set_cost_giou) == (2.0, 5.0, 2.0)
-    assert (m.cls_loss_coef, m.bbox_loss_coef, m.giou_loss_coef) == (1.0, 5.0, 2.0)
-    assert m.position_temperature == 20 and m.num_select == 300
-    assert cfg.optim.lr == 1e-4 and cfg.optim.lr_backbone == 1e-5
-    assert cfg.optim.weight_decay == 1e-4 and cfg.deepspeed.gradient_clipping == 0.1
-
-
 def test_swinl_pretrain_and_finetune_share_one_model_section():
     pre = load_config(REPO / "configs/pretrain_o365_swinl.yaml")
     fin = load_config(REPO / "configs/finetune_coco_swinl.yaml")
