@@ -140,11 +140,15 @@ NOT_IN_OFFICIAL = {
                                "'default' groups select with the substring 'backbone'",
     "optim.max_steps": "step budget for resampled streams; the official runs count epochs",
     "optim.max_consecutive_skipped_steps": "our NaN/Inf guard",
+    "model.checkpoint_encoder_layers": "activation checkpointing: memory for time, numerics unchanged",
+    "model.checkpoint_decoder_layers": "activation checkpointing: memory for time, numerics unchanged",
 }
 
 R50 = "configs/dino_r50_4scale_coco.yaml"
 O365 = "configs/pretrain_o365_swinl.yaml"
 COCO_FT = "configs/finetune_coco_swinl.yaml"
+O365_5 = "configs/pretrain_o365_swinl_5scale.yaml"
+COCO_FT_5 = "configs/finetune_coco_swinl_5scale.yaml"
 # (our config, overrides) -> the official config file it mirrors
 CASES = {
     (R50, ()): "config/DINO/DINO_4scale.py",
@@ -153,7 +157,12 @@ CASES = {
            "deepspeed.micro_batch_per_gpu=1")): "config/DINO/DINO_5scale.py",
     (O365, ()): "config/DINO/DINO_4scale_swin.py",
     (COCO_FT, ()): "config/DINO/DINO_4scale_swin.py",
+    # the official repository has no Swin-L 5-scale file: the Swin file, with the levels of
+    # DINO_5scale.py (checked against that file in the test below)
+    (O365_5, ()): "config/DINO/DINO_4scale_swin.py",
+    (COCO_FT_5, ()): "config/DINO/DINO_4scale_swin.py",
 }
+FIVE_SCALE_KEYS = ("model.num_feature_levels", "model.backbone.return_stages")
 
 # Where we deliberately differ from the official files. The official repository has no
 # Objects365 pretraining recipe and no fine-tuning recipe after it: those values are ours.
@@ -168,6 +177,16 @@ INTENDED_DIFFERENCES = {
     (COCO_FT, "optim.epochs"): "our fine-tune length after Objects365; not in the official files",
     (COCO_FT, "optim.lr_drop_milestones"): "our fine-tune schedule; not in the official files",
     (COCO_FT, "deepspeed.micro_batch_per_gpu"): "as for Objects365 pretraining",
+    **{(path, key): "5 levels, as config/DINO/DINO_5scale.py" for path in (O365_5, COCO_FT_5) for key in FIVE_SCALE_KEYS},
+    **{(O365_5, key): why for (path, key), why in {
+        (O365, "model.num_classes"): "as for 4-scale pretraining",
+        (O365, "model.dn_labelbook_size"): "as for 4-scale pretraining",
+        (O365, "optim.epochs"): "as for 4-scale pretraining",
+        (O365, "optim.lr_drop_milestones"): "as for 4-scale pretraining",
+        (O365, "optim.warmup_steps"): "as for 4-scale pretraining",
+    }.items()},
+    **{(COCO_FT_5, key): "as for the 4-scale fine-tune" for key in
+       ("optim.epochs", "optim.lr_drop_milestones", "deepspeed.micro_batch_per_gpu")},
 }
 
 
@@ -202,6 +221,14 @@ def test_every_mapped_key_equals_the_official_recipe(case):
             wrong.append(f"{key}: ours {ours!r}, official {expected!r} ({CASES[case]} + its scripts' --options)")
     assert not wrong, "\n".join(wrong)
     assert not stale, f"listed as intended differences but equal to the official value: {stale}"
+
+
+@pytest.mark.parametrize("path", [O365_5, COCO_FT_5])
+def test_the_5scale_configs_take_the_levels_of_the_official_5scale_config(path):
+    official = official_args("config/DINO/DINO_5scale.py")
+    cfg = load_config(REPO / path)
+    for key in FIVE_SCALE_KEYS:
+        assert _ours(cfg, key) == MAPPING[key](official), key
 
 
 def test_every_intended_difference_names_a_checked_config_and_a_mapped_key():
