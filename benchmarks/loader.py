@@ -37,9 +37,9 @@ def throughput(cfg: DataConfig, batch_size: int, limit: int) -> float:
 
 def build_shards_without_ray(root: Path, out: Path, samples_per_shard: int = 40) -> None:
     from data_pipeline.annotation_index import load_annotation_index
-    from data_pipeline.manifest import build_manifest, write_manifest
+    from dino_scale.data.manifest import build_manifest, write_manifest
     from data_pipeline.plan import plan_shards
-    from data_pipeline.storage import Storage
+    from dino_scale.data.storage import Storage
     from data_pipeline.writer import WriterSettings, write_shard
 
     if (out / "manifest.json").exists():

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import ijson
 import numpy as np
 
-from data_pipeline.storage import filesystem, redact_url, split_url
+from dino_scale.data.storage import filesystem, redact_url, split_url
 from dino_scale.io import atomic_write_with
 from dino_scale.log import get_logger
 

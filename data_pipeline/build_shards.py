@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from data_pipeline.annotation_index import load_annotation_index_cached
-from data_pipeline.manifest import build_manifest, write_manifest
+from dino_scale.data.manifest import build_manifest, write_manifest
 from data_pipeline.plan import ShardTask, plan_shards
-from data_pipeline.storage import Storage, redact_url
+from dino_scale.data.storage import Storage, redact_url
 from data_pipeline.writer import SAMPLE_FORMAT_VERSION, WriterSettings, write_shard
 from dino_scale.log import get_logger, progress, setup_logging
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.plan import ShardTask
-from data_pipeline.storage import Storage, is_safe_relative_name
+from dino_scale.data.storage import Storage, is_safe_relative_name
 
 SAMPLE_FORMAT_VERSION = 1
 

@@ -66,9 +66,9 @@ def build_shards_inline(src: Path, out: str, samples_per_shard: int, seed: int =
                         images: Path | None = None) -> dict[str, Any]:
     """The builder's plan + writer + manifest without Ray (fast fixture for loader tests)."""
     from data_pipeline.annotation_index import load_annotation_index
-    from data_pipeline.manifest import build_manifest, write_manifest
+    from dino_scale.data.manifest import build_manifest, write_manifest
     from data_pipeline.plan import plan_shards
-    from data_pipeline.storage import Storage
+    from dino_scale.data.storage import Storage
     from data_pipeline.writer import WriterSettings, write_shard
 
     index = load_annotation_index(str(annotations or src / "annotations.json"))

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from data_pipeline.manifest import read_manifest
+from dino_scale.data.manifest import read_manifest
 from data_synthetic import annotations_by_image, build_shards_inline, make_coco
 from dino_scale.config import DataConfig
 from dino_scale.data import BadDataError, Batch, build_train_loader

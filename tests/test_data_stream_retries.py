@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.storage import Storage
+from dino_scale.data.storage import Storage
 from dino_scale.data import stream
 from dino_scale.data.samples import BadSample
 from dino_scale.data.stream import Segment, read_segments

@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from data_pipeline.manifest import read_manifest
-from data_pipeline.storage import Storage
+from dino_scale.data.manifest import read_manifest
+from dino_scale.data.storage import Storage
 from data_synthetic import build_shards_inline, make_coco
 from faults.seaweed import SeaweedS3, weed_binary
 from faults.summary import record

@@ -17,8 +17,8 @@ from PIL import Image
 
 from data_pipeline import build_shards as build_mod
 from data_pipeline.build_shards import BuildSettings, build_parser, build_shards, main
-from data_pipeline.manifest import read_manifest
-from data_pipeline.storage import Storage
+from dino_scale.data.manifest import read_manifest
+from dino_scale.data.storage import Storage
 from data_synthetic import jpeg_bytes, make_coco
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline.plan import ShardTask
-from data_pipeline.storage import is_safe_relative_name
+from dino_scale.data.storage import is_safe_relative_name
 from data_pipeline.writer import WriterSettings, write_shard
 
 

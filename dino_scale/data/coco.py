@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data_pipeline.storage import Storage, filesystem, split_url
+from dino_scale.data.storage import Storage, filesystem, split_url
 from dino_scale.data.collate import Batch, collate
 from dino_scale.data.samples import BadSample, augmentation_seed
 from dino_scale.data.transforms import build_eval_transform

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline.manifest import read_manifest, shard_root
+from dino_scale.data.manifest import read_manifest, shard_root
 from dino_scale.data.collate import Batch, collate
 from dino_scale.data.samples import BadSample
 from dino_scale.data.shards import BadDataError, ShardStream, WorkerProgress, check_bad_fraction, rank_samples

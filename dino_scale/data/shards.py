@@ -15,6 +15,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from dino_scale.data.collate import Batch, collate
 from dino_scale.data.samples import BadSample, augmentation_seed, decode_sample
+from dino_scale.data.storage import Storage
 from dino_scale.data.stream import (
     IndexShuffler, finite_segments, mix_seed, rank_range, read_segments, resampled_segments, worker_ranges,
 )
@@ -90,8 +91,6 @@ class ShardStream(IterableDataset):
         yield from self._worker_batches((physical + self.worker_offset) % self.num_workers)
 
     def _worker_batches(self, worker: int) -> Iterator[tuple[Batch, WorkerProgress]]:
-        from data_pipeline.storage import Storage
-
         storage = Storage(self.root, self.storage_options)
         progress = WorkerProgress.from_dict(self.resume[worker].as_dict())
         if self.mode == "finite":

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from data_pipeline.storage import Storage
+from dino_scale.data.storage import Storage
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
