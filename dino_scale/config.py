@@ -23,6 +23,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from dino_scale.io import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and its source."""
@@ -292,8 +294,6 @@ def _redact_storage_options(value: Any, inside: bool) -> Any:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from dino_scale.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 

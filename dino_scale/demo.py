@@ -172,7 +172,7 @@ def draw_examples(checkpoint: Path, val: Any, out_path: Path, overrides: list[st
     each image enlarged `scale` times."""
     from PIL import Image
 
-    from dino_scale.checkpoint_convert import load_model
+    from dino_scale.weights import load_model
     from dino_scale.config import load_config
     from dino_scale.inference import detect, draw_detections, names_for
 

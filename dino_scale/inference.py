@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 from dino_scale.config import Config
+from dino_scale.data.categories import read_categories
+from dino_scale.data.collate import collate
+from dino_scale.data.transforms import build_eval_transform
+from dino_scale.io import atomic_write_bytes
+from dino_scale.models import PostProcess
+from dino_scale.weights.safetensors import read_metadata
 
 
 @torch.no_grad()
 def detect(model: nn.Module, image_path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
     """`scores [K]`, `labels [K]`, `boxes [K, 4]` (absolute xyxy in the original image)."""
-    from PIL import Image
-
-    from dino_scale.data.collate import collate
-    from dino_scale.data.transforms import build_eval_transform
-    from dino_scale.models import PostProcess
-
     image = Image.open(image_path).convert("RGB")
     target = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int64),
               "image_id": 0, "orig_size": [image.height, image.width]}
@@ -35,14 +37,10 @@ def detect(model: nn.Module, image_path: str | Path, cfg: Config) -> dict[str, t
 
 def names_for(checkpoint: str | Path, categories_file: str | Path | None) -> dict[int, str]:
     """Category id -> name from a COCO JSON/manifest, else from the export's metadata."""
-    from dino_scale.finetune import read_categories
-
     cats: list[dict[str, Any]] | None = None
     if categories_file:
         cats = read_categories(categories_file)
     elif str(checkpoint).endswith(".safetensors"):
-        from dino_scale.engine.export import read_metadata
-
         cats = read_metadata(checkpoint).get("categories")
     return {c["id"]: c["name"] for c in cats or []}
 
@@ -52,12 +50,6 @@ def draw_detections(image_path: str | Path, detections: dict[str, torch.Tensor],
     """Draw boxes scoring >= threshold on the image, enlarged `scale` times so that labels
     stay legible on small images, and save a PNG; returns what was drawn (boxes in the
     image's own pixels)."""
-    import io
-
-    from PIL import Image, ImageDraw
-
-    from dino_scale.io import atomic_write_bytes
-
     image = Image.open(image_path).convert("RGB")
     if scale != 1.0:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)

@@ -12,17 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_scale.checkpoint_convert import (
+from dino_scale.checkpoint_convert import main
+from dino_scale.models.dino import official_to_ours_key, ours_to_official_keys
+from dino_scale.models.swin import relative_position_index
+from dino_scale.weights import (
     CheckpointError,
     load_model,
-    main,
     official_to_ours,
-    official_to_ours_key,
     ours_to_official,
-    ours_to_official_keys,
     read_official,
     read_weights,
-    relative_position_index,
 )
 from dino_scale.config import load_config
 from dino_scale.models.summary import build_on_meta, count_parameters

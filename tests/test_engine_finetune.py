@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from dino_scale.checkpoint_convert import ours_to_official
 from dino_scale.config import load_config
-from dino_scale.engine.export import save_weights
-from dino_scale.finetune import load_pretrained, normalise_name, read_categories
+from dino_scale.data.categories import read_categories
+from dino_scale.weights import ours_to_official, save_weights
+from dino_scale.weights.transfer import load_pretrained, normalise_name
 from dino_scale.models import build_dino
 
 SOURCE = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "Traffic Light"},

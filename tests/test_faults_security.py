@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data_synthetic import build_shards_inline, make_coco
-from dino_scale.checkpoint_convert import CheckpointError, read_weights
+from dino_scale.weights import CheckpointError, read_weights
 from dino_scale.config import DataConfig, MetricsConfig, dump_config, load_config
 from dino_scale.metrics import TrainingMetrics
 from faults.summary import record

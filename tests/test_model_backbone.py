@@ -12,9 +12,12 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from dino_scale.checkpoint_convert import official_to_ours_key, relative_position_index
+from dino_scale.models.dino import official_to_ours_key
+from dino_scale.models.swin import relative_position_index
 from dino_scale.config import BackboneConfig
-from dino_scale.models.backbone import FrozenBatchNorm2d, ResNetBackbone, SwinBackbone, load_backbone_weights
+from dino_scale.models.backbone import (
+    FrozenBatchNorm2d, ResNetBackbone, SwinBackbone, backbone_family, load_backbone_weights,
+)
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -123,3 +126,13 @@ def test_swin_pretrained_weights_in_the_official_classification_layout(tmp_path)
     ours, theirs = backbone.body.state_dict(), reference.body.state_dict()
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_backbone_families_are_explicit_and_other_names_are_refused():
+    assert backbone_family("resnet50").model is ResNetBackbone
+    assert backbone_family("resnext50_32x4d").model is ResNetBackbone
+    assert backbone_family("swin_large_patch4_window12_384").model is SwinBackbone
+    with pytest.raises(ValueError, match="'convnext_tiny' belongs to no supported backbone family"):
+        backbone_family("convnext_tiny")  # was silently built as a frozen ResNet-style body
+    with pytest.raises(ValueError, match="'resnet_no_such_model' is not a timm model"):
+        backbone_family("resnet_no_such_model")

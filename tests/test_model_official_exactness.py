@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from dino_scale import load_model
 from dino_scale.config import load_config
 from dino_scale.models.criterion import build_criterion
+from dino_scale.weights import load_model
 
 TINY = Path(__file__).resolve().parent / "data" / "official_dino_tiny"
 ATOL = 1e-4

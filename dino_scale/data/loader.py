@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dino_scale.data.manifest import read_manifest, shard_root
+from dino_scale.data.coco import CocoDetection, SkippingCocoDetection
 from dino_scale.data.collate import Batch, collate
 from dino_scale.data.samples import BadSample
 from dino_scale.data.shards import BadDataError, ShardStream, WorkerProgress, check_bad_fraction, rank_samples
@@ -188,8 +189,6 @@ class CocoTrainLoader:
     """
 
     def __init__(self, cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> None:
-        from dino_scale.data.coco import CocoDetection, SkippingCocoDetection
-
         if not 0 <= rank < world_size or batch_size < 1:
             raise ValueError(f"bad rank/world_size/batch_size: {rank}/{world_size}/{batch_size}")
         if cfg.mode != "finite":

@@ -99,7 +99,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
-    from dino_scale.checkpoint_convert import load_state_into, read_weights
+    from dino_scale.weights import load_state_into, read_weights
     from dino_scale.data import build_eval_loader
     from dino_scale.engine import distributed as dist_utils
     from dino_scale.engine.evaluator import evaluate
@@ -156,7 +156,7 @@ def infer_parser() -> argparse.ArgumentParser:
 
 
 def run_infer(args: argparse.Namespace) -> list[dict]:
-    from dino_scale.checkpoint_convert import load_model
+    from dino_scale.weights import load_model
     from dino_scale.inference import detect, draw_detections, names_for
 
     cfg = load_config(args.config, list(args.overrides))

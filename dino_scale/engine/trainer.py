@@ -33,16 +33,22 @@ import torch
 from torch import nn
 
 from dino_scale.config import Config, config_to_dict
+from dino_scale.data import build_eval_loader, build_train_loader
+from dino_scale.data.categories import dataset_categories
 from dino_scale.engine import distributed as dist_utils
 from dino_scale.engine.batching import batch_to, outputs_to_float
 from dino_scale.engine.checkpoint import (
     CheckpointManager, capture_rng_state, latest_complete, restore_rng_state, tag_for_step,
 )
 from dino_scale.engine.ds_config import build_deepspeed_config
+from dino_scale.engine.evaluator import evaluate
 from dino_scale.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_factor
 from dino_scale.io import atomic_write_text
 from dino_scale.log import get_logger
+from dino_scale import models
 from dino_scale.metrics import TrainingMetrics
+from dino_scale.weights.transfer import load_pretrained
+from dino_scale.weights.zero import export_checkpoint
 
 log = get_logger(__name__)
 
@@ -112,29 +118,19 @@ class Trainer:
         dist_utils.seed_everything(cfg.train.seed)
         comp = self.components
         if comp.model is None:
-            from dino_scale.models import build_dino
-
-            comp.model = build_dino(cfg.model)
+            comp.model = models.build_dino(cfg.model)
         if comp.criterion is None:
-            from dino_scale.models import build_criterion
-
-            comp.criterion = build_criterion(cfg.model)
+            comp.criterion = models.build_criterion(cfg.model)
         if comp.postprocess is None:
-            from dino_scale.models import PostProcess
-
-            comp.postprocess = PostProcess(cfg.model.num_select)
+            comp.postprocess = models.PostProcess(cfg.model.num_select)
         if comp.train_loader is None:
             comp.train_loader = self._default_train_loader
         if comp.eval_loader is None:
             comp.eval_loader = self._default_eval_loader
         if comp.categories is None:
-            from dino_scale.finetune import dataset_categories
-
             comp.categories = dataset_categories(cfg.data)
         model = comp.model.to(self.device)
         if cfg.train.pretrained and latest_complete(self.checkpoint_root) is None:
-            from dino_scale.finetune import load_pretrained
-
             self.transfer_report = load_pretrained(
                 model, cfg.train.pretrained, target_categories=comp.categories,
                 pretrained_categories=cfg.train.pretrained_categories,
@@ -168,8 +164,6 @@ class Trainer:
         self.log_file = self.output_dir / "train_log.jsonl"
 
     def _default_train_loader(self, epoch: int) -> Iterable[Any]:
-        from dino_scale.data import build_train_loader
-
         return build_train_loader(
             self.cfg.data, batch_size=self.micro_batch, rank=self.rank, world_size=self.world,
             seed=self.cfg.train.seed, epoch=epoch,
@@ -178,8 +172,6 @@ class Trainer:
     def _default_eval_loader(self) -> Iterable[Any] | None:
         if not (self.cfg.data.val_images and self.cfg.data.val_annotations):
             return None
-        from dino_scale.data import build_eval_loader
-
         return build_eval_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.rank,
                                  world_size=self.world)
 
@@ -439,8 +431,6 @@ class Trainer:
         eval_loader = self.components.eval_loader()
         if eval_loader is None:
             return None
-        from dino_scale.engine.evaluator import evaluate
-
         eval_dir = self.output_dir / "eval"
         stats = evaluate(
             self.engine.module, eval_loader, self.cfg.data.val_annotations,
@@ -461,8 +451,6 @@ class Trainer:
         return stats
 
     def _export_tag(self, tag: str, out: Path) -> Path:
-        from dino_scale.engine.export import export_checkpoint
-
         return export_checkpoint(
             self.checkpoint_root, tag, self.cfg.deepspeed.zero_stage, out,
             metadata={"categories": self.components.categories, "step": self.step,

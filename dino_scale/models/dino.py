@@ -1,15 +1,18 @@
 """The DINO detector: backbone -> input projections -> deformable transformer with
-two-stage query selection and contrastive denoising -> shared class / box heads."""
+two-stage query selection and contrastive denoising -> shared class / box heads, and the
+names the official IDEA-Research DINO gives its parameters."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dino_scale.config import ModelConfig
+from dino_scale.models import swin
 from dino_scale.models.backbone import build_backbone
 from dino_scale.models.denoising import prepare_denoising
 from dino_scale.models.layers import MLP, inverse_sigmoid
@@ -17,6 +20,9 @@ from dino_scale.models.position_encoding import PositionEmbeddingSine
 from dino_scale.models.transformer import DeformableTransformer
 
 Targets = list[dict[str, torch.Tensor]]
+
+_OFFICIAL_HEAD = re.compile(r"^(?:transformer\.decoder\.)?(class_embed|bbox_embed)\.\d+\.(.+)$")
+_OFFICIAL_SWIN_NORM = re.compile(r"^norm(\d+)\.(.+)$")
 
 
 class DINO(nn.Module):
@@ -150,3 +156,43 @@ def _resize_mask(mask: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 def build_dino(cfg: ModelConfig) -> DINO:
     return DINO(cfg)
+
+
+# The official names differ from ours in the backbone (official `backbone.0.body.*` ResNet
+# is our `backbone.body.*`; official Swin keys are remapped by the Swin family, its
+# per-output LayerNorms `backbone.0.norm{i}` are our `backbone.norms.{i}`) and in the shared
+# heads (official `class_embed.{i}`, `bbox_embed.{i}` and `transformer.decoder.{class,bbox}_embed.{i}`
+# are one tensor under 2 * dec_layers names; ours is `class_embed` / `bbox_embed`).
+
+
+def official_to_ours_key(key: str) -> str:
+    """The name of official key `key` in our model (several official names may share one)."""
+    m = _OFFICIAL_HEAD.match(key)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
+    if key.startswith("backbone.0.body."):
+        return "backbone.body." + key[len("backbone.0.body."):]
+    if key.startswith("backbone.0."):
+        rest = key[len("backbone.0."):]
+        m = _OFFICIAL_SWIN_NORM.match(rest)
+        if m:
+            return f"backbone.norms.{m.group(1)}.{m.group(2)}"
+        return "backbone.body." + swin.official_to_timm_key(rest)
+    return key
+
+
+def ours_to_official_keys(key: str, num_decoder_layers: int) -> list[str]:
+    """All official names of our key `key` (2 * dec_layers names for a shared head)."""
+    head, _, rest = key.partition(".")
+    if head in ("class_embed", "bbox_embed"):
+        return [f"{prefix}{head}.{i}.{rest}" for prefix in ("", "transformer.decoder.")
+                for i in range(num_decoder_layers)]
+    if key.startswith("backbone.norms."):
+        stage, _, rest = key[len("backbone.norms."):].partition(".")
+        return [f"backbone.0.norm{stage}.{rest}"]
+    if key.startswith("backbone.body."):
+        rest = key[len("backbone.body."):]
+        if rest.startswith(("patch_embed.", "layers.")):  # Swin
+            return ["backbone.0." + swin.timm_to_official_key(rest)]
+        return ["backbone.0.body." + rest]  # ResNet
+    return [key]

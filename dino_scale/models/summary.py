@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dino_scale.config import ModelConfig, load_config
+from dino_scale.models import build_dino
 
 PARTS = OrderedDict([
     ("backbone", ("backbone.",)),
@@ -29,8 +30,6 @@ PARTS = OrderedDict([
 
 
 def build_on_meta(cfg: ModelConfig) -> nn.Module:
-    from dino_scale.models import build_dino
-
     cfg.backbone.pretrained_path = None
     with torch.device("meta"):
         return build_dino(cfg)

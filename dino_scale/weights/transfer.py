@@ -11,7 +11,6 @@ names that differ only in case/spacing for some). Every other tensor transfers u
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,7 +18,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from dino_scale.data.categories import read_categories
 from dino_scale.log import get_logger
+from dino_scale.models.state_dict import describe_mismatch
+from dino_scale.weights.load import read_weights
+from dino_scale.weights.safetensors import is_safetensors, read_metadata
 
 log = get_logger(__name__)
 
@@ -29,35 +32,6 @@ CLASS_PARAM_PATTERNS = ("class_embed", "label_enc")
 def normalise_name(name: str) -> str:
     """'Traffic Light' / 'traffic_light' / 'traffic-light' -> 'traffic light'."""
     return re.sub(r"[\s_\-/]+", " ", name.strip().lower())
-
-
-def read_categories(path: str | Path) -> list[dict[str, Any]]:
-    """`[{"id", "name"}]` from a COCO annotation JSON or a shard `manifest.json`."""
-    import fsspec
-
-    with fsspec.open(str(path), "rt") as f:
-        data = json.load(f)
-    cats = data.get("categories") if isinstance(data, dict) else None
-    if not isinstance(cats, list) or not all("id" in c and "name" in c for c in cats):
-        raise ValueError(f"{path}: no 'categories' list of {{id, name}} found")
-    return [{"id": int(c["id"]), "name": str(c["name"])} for c in cats]
-
-
-def dataset_categories(data_cfg: Any) -> list[dict[str, Any]] | None:
-    """Categories of the training data named by a `DataConfig` (manifest or COCO JSON)."""
-    candidates = []
-    if data_cfg.train_shards:
-        shards = str(data_cfg.train_shards)
-        candidates.append(shards if shards.endswith(".json") else shards.rstrip("/") + "/manifest.json")
-    for ann in (data_cfg.train_coco_annotations, data_cfg.val_annotations):
-        if ann:
-            candidates.append(ann)
-    for candidate in candidates:
-        try:
-            return read_categories(candidate)
-        except (OSError, ValueError, KeyError) as exc:
-            log.debug("no categories in %s: %s", candidate, exc)
-    return None
 
 
 def is_class_param(name: str) -> bool:
@@ -100,10 +74,8 @@ def transfer_state_dict(pretrained: Mapping[str, torch.Tensor], model: nn.Module
     missing = sorted(k for k in set(target_state) - set(pretrained) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(pretrained) - set(target_state))
     if missing or unexpected:
-        raise KeyError(
-            f"pretrained weights do not match the model: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
+        raise KeyError("pretrained weights do not match the model: "
+                       + describe_mismatch(missing, unexpected, shown=3))
     mapping = class_row_mapping(source_categories, target_categories, source_num_classes, target_num_classes)
     out: dict[str, torch.Tensor] = {}
     for name, target in target_state.items():
@@ -153,16 +125,9 @@ def read_pretrained(path: str | Path, allow_unsafe_pickle: bool = False
                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]] | None]:
     """(state dict in our naming, categories if the file records them) from our
     safetensors export, a `.pt` state dict, or an official IDEA-Research DINO `.pth`."""
-    from dino_scale import checkpoint_convert
-
-    path = Path(path)
-    state = checkpoint_convert.read_weights(path, allow_unsafe_pickle=allow_unsafe_pickle)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not checkpoint_convert._looks_like_safetensors(head):
+    state = read_weights(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    if not is_safetensors(path):
         return state, None
-    from dino_scale.engine.export import read_metadata
-
     return state, read_metadata(path).get("categories")
 
 
