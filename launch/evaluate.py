@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dino_scale.engine import cli
+import cli
 
 
 def build_parser() -> argparse.ArgumentParser:

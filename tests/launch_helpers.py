@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from demo_data import generate_demo_data
 from dino_scale.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +39,6 @@ def run_ok(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 def tiny_demo_data(base: Path) -> dict[str, Path]:
     """Demo shapes (48 pretraining, 16 fine-tuning, 8 val images of 128 px) and their
     shards; built once per pytest session under `base`."""
-    from dino_scale.demo_data import generate_demo_data
-
     root = base / "tiny_demo"
     out = {"root": root, "pretrain_shards": root / "shards" / "pretrain",
            "finetune_shards": root / "shards" / "finetune",

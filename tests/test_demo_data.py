@@ -6,7 +6,7 @@ import json
 
 from PIL import Image
 
-from dino_scale.demo_data import FINETUNE_CLASSES, PRETRAIN_CLASSES, generate_demo_data
+from demo_data import FINETUNE_CLASSES, PRETRAIN_CLASSES, generate_demo_data
 from dino_scale.data.categories import read_categories
 from dino_scale.weights.transfer import class_row_mapping
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from dino_scale.inference import draw_detections
+from dino_scale.engine.inference import draw_detections
 
 
 def test_draws_boxes_above_threshold_enlarged(tmp_path):

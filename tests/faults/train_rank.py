@@ -164,7 +164,8 @@ def main() -> int:
     _install_recording()
     _install_save_faults()
     _install_criterion_faults()
-    from dino_scale.engine import cli
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))  # cli.py, as launch/*.py import it
+    import cli
 
     parser = cli.training_parser("tests/faults/train_rank.py", "training rank with faults", finetune=False)
     return cli.run_training(cli.parse(parser, sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""Command-line front ends behind `launch/*.py`: argument parsers and the code they run.
+"""Command-line front ends of the `launch/*.py` scripts: argument parsers and the code they
+run (the scripts import it as a sibling module: they run as files).
 
 Training scripts take `--config FILE` and `key.sub=value` overrides; the DeepSpeed launcher
 adds `--local_rank=N`, which is accepted (the rank comes from the environment).
@@ -8,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from dino_scale.config import Config, dump_config, load_config
+from dino_scale.data import build_eval_loader
+from dino_scale.engine import distributed as dist_utils
+from dino_scale.engine.evaluator import evaluate
+from dino_scale.engine.inference import detect, draw_detections, names_for
+from dino_scale.engine.trainer import PREEMPTED_EXIT_CODE, train
 from dino_scale.log import get_logger, setup_logging
+from dino_scale.models import PostProcess, build_dino
+from dino_scale.weights import load_model, load_state_into, read_weights
 
 log = get_logger(__name__)
 
@@ -56,9 +63,6 @@ def _training_config(args: argparse.Namespace) -> Config:
 
 def run_training(args: argparse.Namespace) -> int:
     """Train on every rank; exit status 143 when stopped by SIGTERM (checkpoint written)."""
-    from dino_scale.engine import distributed as dist_utils
-    from dino_scale.engine.trainer import PREEMPTED_EXIT_CODE, train
-
     cfg = _training_config(args)
     output_dir = Path(cfg.paths.output_dir)
     setup_logging(cfg.paths.log_dir or output_dir / "logs")
@@ -99,12 +103,6 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
-    from dino_scale.weights import load_state_into, read_weights
-    from dino_scale.data import build_eval_loader
-    from dino_scale.engine import distributed as dist_utils
-    from dino_scale.engine.evaluator import evaluate
-    from dino_scale.models import PostProcess, build_dino
-
     cfg = load_config(args.config, list(args.overrides))
     if not (cfg.data.val_images and cfg.data.val_annotations):
         raise SystemExit("error: data.val_images and data.val_annotations must be set")
@@ -156,9 +154,6 @@ def infer_parser() -> argparse.ArgumentParser:
 
 
 def run_infer(args: argparse.Namespace) -> list[dict]:
-    from dino_scale.weights import load_model
-    from dino_scale.inference import detect, draw_detections, names_for
-
     cfg = load_config(args.config, list(args.overrides))
     model = load_model(args.config, args.checkpoint, list(args.overrides),
                        allow_unsafe_pickle=args.allow_unsafe_pickle)
@@ -168,11 +163,6 @@ def run_infer(args: argparse.Namespace) -> list[dict]:
     kept = draw_detections(args.image, detections, args.out, threshold=threshold, names=names, scale=args.scale)
     print(f"{len(kept)} detections above {threshold} drawn to {args.out}")
     return kept
-
-
-def exit_with(code: int) -> None:
-    sys.stdout.flush()
-    sys.exit(code)
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
