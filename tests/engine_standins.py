@@ -79,6 +79,10 @@ class TinyLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
 
+    def stats(self) -> dict[str, Any]:
+        return {"samples_read": self.position * self.batch_size, "samples_skipped": 0, "reasons": {},
+                "bad_fraction": 0.0, "epoch": self.epoch, "batches": self.position}
+
     def __iter__(self):
         while self.position < self.num_batches:
             g = torch.Generator().manual_seed(self.seed * 7919 + self.rank * 131 + self.epoch * 17 + self.position)

@@ -9,11 +9,12 @@ Trainer API:
 
 from dino_scale.data.coco import CocoDetection, build_eval_dataset, build_eval_loader, load_coco
 from dino_scale.data.collate import Batch, collate
-from dino_scale.data.loader import CocoTrainLoader, TrainLoader, build_train_loader
+from dino_scale.data.loader import CocoTrainLoader, ResumableLoader, TrainLoader, build_train_loader
 from dino_scale.data.shards import BadDataError
 from dino_scale.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
-    "BadDataError", "Batch", "CocoDetection", "CocoTrainLoader", "EvalTransform", "TrainLoader", "TrainTransform",
+    "BadDataError", "Batch", "CocoDetection", "CocoTrainLoader", "EvalTransform", "ResumableLoader", "TrainLoader",
+    "TrainTransform",
     "build_eval_dataset", "build_eval_loader", "build_train_loader", "collate", "load_coco",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -35,6 +35,20 @@ from dino_scale.log import get_logger
 log = get_logger("dino_scale.data.loader")
 
 STATE_VERSION = 1
+
+
+class ResumableLoader(Protocol):
+    """What the trainer iterates: `TrainLoader`, `CocoTrainLoader` or a test's stand-in."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 class TrainLoader:

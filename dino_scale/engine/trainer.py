@@ -19,21 +19,19 @@ end; a run resumes by itself from the latest complete one in the checkpoint dire
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import json
-import signal
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_grad
 from torch import nn
 
 from dino_scale.config import Config, config_to_dict
-from dino_scale.data import build_eval_loader, build_train_loader
+from dino_scale.data import ResumableLoader, build_eval_loader, build_train_loader
 from dino_scale.data.categories import dataset_categories
 from dino_scale.engine import distributed as dist_utils
 from dino_scale.engine.batching import batch_to, outputs_to_float
@@ -43,6 +41,8 @@ from dino_scale.engine.checkpoint import (
 from dino_scale.engine.ds_config import build_deepspeed_config
 from dino_scale.engine.evaluator import evaluate
 from dino_scale.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_factor
+from dino_scale.engine.preemption import Preemption, release_frames
+from dino_scale.engine.zero3 import prepare_for_zero3
 from dino_scale.io import atomic_write_text
 from dino_scale.log import get_logger
 from dino_scale import models
@@ -53,6 +53,7 @@ from dino_scale.weights.zero import export_checkpoint
 log = get_logger(__name__)
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: a job controller must not see "succeeded"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,8 +66,8 @@ class Components:
 
     model: nn.Module | None = None
     criterion: Callable[[Any, list[dict]], dict[str, torch.Tensor]] | None = None
-    # (epoch) -> loader over this rank's share; must offer state_dict/load_state_dict/set_epoch
-    train_loader: Callable[[int], Iterable[Any]] | None = None
+    # (epoch) -> loader over this rank's share
+    train_loader: Callable[[int], ResumableLoader] | None = None
     # () -> eval loader over this rank's share, or None when there is no eval set
     eval_loader: Callable[[], Iterable[Any] | None] | None = None
     postprocess: nn.Module | None = None
@@ -94,7 +95,21 @@ class Trainer:
         self.components = components or Components()
         self.output_dir = Path(cfg.paths.output_dir)
         self.checkpoint_root = Path(cfg.paths.checkpoint_dir or self.output_dir / "checkpoints")
-        self._stop_requested = False
+        self.checkpoints = CheckpointManager(self.checkpoint_root, cfg.train.keep_last_checkpoints)
+        self.log_file = self.output_dir / "train_log.jsonl"
+        self.micro_batch = cfg.deepspeed.micro_batch_per_gpu
+        self.accum = cfg.deepspeed.gradient_accumulation_steps
+        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.preemption = Preemption()
+        # set up by setup() / run(), once torch.distributed is initialised
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cpu")
+        self.param_groups: list[dict[str, Any]] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ds_config: dict[str, Any] = {}
+        self.engine: Any = None  # deepspeed.DeepSpeedEngine
+        self.metrics: TrainingMetrics | None = None
+        self.transfer_report: dict[str, Any] | None = None
         # progress, saved in client_state
         self.step = 0
         self.epoch = 0
@@ -104,7 +119,7 @@ class Trainer:
         self.last_eval: dict[str, float] | None = None
         self.images_seen = 0
         self.train_seconds = 0.0
-        self._loader: Any = None
+        self._loader: ResumableLoader | None = None
         self._loader_epoch = -1
         self._iterator: Any = None
 
@@ -136,34 +151,25 @@ class Trainer:
                 pretrained_categories=cfg.train.pretrained_categories,
                 allow_unsafe_pickle=cfg.train.allow_unsafe_pickle,
             )
-        if hasattr(comp.criterion, "to"):
+        if isinstance(comp.criterion, nn.Module):
             comp.criterion.to(self.device)
         self.param_groups = build_param_groups(model, cfg.optim)
         self.optimizer = build_optimizer(self.param_groups, cfg.optim)
-        import deepspeed
-
         self.ds_config = build_deepspeed_config(cfg, self.world)
         if cfg.deepspeed.zero_stage == 3:
             prepare_for_zero3(model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=self.ds_config
         )
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            cfg.deepspeed.precision
-        ]
         if self.dtype != torch.float32:
             # DeepSpeed casts parameters, not buffers (frozen BatchNorm statistics)
             for buf in self.engine.module.buffers():
                 if buf.is_floating_point():
                     buf.data = buf.data.to(self.dtype)
-        self.checkpoints = CheckpointManager(self.checkpoint_root, cfg.train.keep_last_checkpoints)
         self.metrics = TrainingMetrics(cfg.metrics, self.rank, dist_utils.local_rank())
         self.metrics.serve(self.output_dir / "metrics")
-        self.micro_batch = cfg.deepspeed.micro_batch_per_gpu
-        self.accum = cfg.deepspeed.gradient_accumulation_steps
-        self.log_file = self.output_dir / "train_log.jsonl"
 
-    def _default_train_loader(self, epoch: int) -> Iterable[Any]:
+    def _default_train_loader(self, epoch: int) -> ResumableLoader:
         return build_train_loader(
             self.cfg.data, batch_size=self.micro_batch, rank=self.rank, world_size=self.world,
             seed=self.cfg.train.seed, epoch=epoch,
@@ -223,9 +229,6 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._stop_requested = True
-
     def _done(self) -> bool:
         max_steps = self.cfg.optim.max_steps
         if max_steps is not None:
@@ -237,43 +240,28 @@ class Trainer:
         self._build()
 
     def run(self) -> TrainResult:
-        # SIGTERM (preemption) is blocked in this thread and polled once per micro-step.
-        # Processes started from here on (data-loader workers) inherit the blocked mask:
-        # the DeepSpeed launcher sends SIGTERM to a rank's children before the rank, and a
-        # worker killed under the rank would abort it before it can checkpoint. The
-        # handler covers threads started earlier, where the signal is not blocked.
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            self._build()
-            return self._run()
-        except BaseException as exc:
-            release_frames(exc)
-            raise
-        finally:
-            self.metrics_shutdown()
-            if signal.SIGTERM in signal.sigpending():
-                signal.sigtimedwait([signal.SIGTERM], 0)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-            signal.signal(signal.SIGTERM, previous_handler)
+        # SIGTERM is blocked from here on (loader workers started later inherit that) and
+        # polled once per micro-step: see dino_scale.engine.preemption.
+        with self.preemption:
+            try:
+                self._build()
+                return self._run()
+            except BaseException as exc:
+                release_frames(exc)
+                raise
+            finally:
+                self.metrics_shutdown()
 
     def metrics_shutdown(self) -> None:
-        if getattr(self, "metrics", None) is not None:
+        if self.metrics is not None:
             self.metrics.shutdown()
-
-    def _poll_stop(self) -> bool:
-        if not self._stop_requested and signal.SIGTERM in signal.sigpending():
-            signal.sigtimedwait([signal.SIGTERM], 0)
-            self._stop_requested = True
-        return self._stop_requested
 
     def _run(self) -> TrainResult:
         rank_state = self._resume()
         preempted = False
         while not self._done():
             loader = self.components.train_loader(self.epoch)
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(self.epoch)
+            loader.set_epoch(self.epoch)
             if rank_state is not None and rank_state.get("loader") is not None \
                     and rank_state.get("loader_epoch") == self.epoch:
                 loader.load_state_dict(rank_state["loader"])
@@ -288,8 +276,7 @@ class Trainer:
                 preempted = True
                 break
             if outcome == "epoch_end":
-                if hasattr(loader, "stats"):
-                    log.info("epoch %d data: %s", self.epoch, loader.stats())
+                log.info("epoch %d data: %s", self.epoch, loader.stats())
                 self.epoch += 1
                 every = self.cfg.train.eval_every_epochs
                 if every and self.epoch % every == 0 and not self._done():
@@ -303,7 +290,7 @@ class Trainer:
         export_path = self.export() if self.cfg.train.export_at_end else None
         return self._result(preempted=False, export_path=export_path)
 
-    def _train_epoch(self, loader: Any) -> str:
+    def _train_epoch(self, loader: ResumableLoader) -> str:
         """Returns "epoch_end", "done" (step budget reached) or "preempted"."""
         cfg = self.cfg
         iterator = self._iterator = iter(loader)
@@ -313,18 +300,18 @@ class Trainer:
                 return "done"
             tick = time.perf_counter()
             batch = None
-            if not self._poll_stop():
+            if not self.preemption.poll():
                 try:
                     batch = next(iterator)
                 except StopIteration:
                     batch = None
                 except Exception:
-                    if not self._stop_requested:  # loader workers die with us on SIGTERM
+                    if not self.preemption.requested:  # loader workers die with us on SIGTERM
                         raise
             data_wait = time.perf_counter() - tick
-            self._poll_stop()
+            stop_requested = self.preemption.poll()
             exhausted, stop = dist_utils.all_reduce_sum(
-                [float(batch is None and not self._stop_requested), float(self._stop_requested)],
+                [float(batch is None and not stop_requested), float(stop_requested)],
                 self.device,
             )
             if stop > 0:
@@ -354,13 +341,12 @@ class Trainer:
             self.train_seconds += step_seconds
             if not boundary:
                 continue
-            if hasattr(engine, "was_step_applied") and not engine.was_step_applied():
+            if not engine.was_step_applied():
                 self._skip("DeepSpeed refused the step (non-finite gradients)")
                 continue
             self.consecutive_skipped = 0
             self.step += 1
-            if hasattr(loader, "stats"):
-                self.metrics.observe_data(loader.stats())
+            self.metrics.observe_data(loader.stats())
             self._log_step(losses, step_seconds, data_wait, images.shape[0])
             self.metrics.steps.inc()  # last: a scrape that sees the step sees all its metrics
             if self.step % cfg.train.checkpoint_every_steps == 0:
@@ -379,8 +365,6 @@ class Trainer:
 
     def _gradients_finite(self) -> bool:
         """Whether every rank's reduced gradients are finite (one norm, one all-reduce)."""
-        from deepspeed.utils import safe_get_full_grad
-
         grads = [g for p in self.engine.module.parameters()
                  if p.requires_grad and (g := safe_get_full_grad(p)) is not None]
         finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
@@ -477,56 +461,6 @@ class Trainer:
             summary["images_per_second"] = images_all / self.train_seconds if self.train_seconds else None
             atomic_write_text(self.output_dir / "train_summary.json", json.dumps(summary, indent=2))
         return result
-
-
-def release_frames(exc: BaseException | None) -> None:
-    """Drop the local variables of the frames `exc` (and its causes) went through.
-
-    A DataLoader iterator that re-raises a worker's error is in that error's traceback (as
-    `self`), and the traceback lives until the interpreter exits. Its workers block SIGTERM,
-    so the interpreter, waiting for them at exit, would hang the rank instead of failing.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)  # skips frames still running
-        exc = exc.__cause__ or exc.__context__
-
-
-def prepare_for_zero3(model: nn.Module) -> None:
-    """Make a model's parameter accesses visible to ZeRO-3.
-
-    ZeRO-3 gathers a parameter only around its own module's forward (pre-hook) and
-    backward (hooks on the tensors the module returns). Two DINO patterns escape that:
-    - embedding tables read directly (`transformer.tgt_embed.weight`, `label_enc.weight`)
-      in the parent's forward: each `nn.Embedding` weight is registered as an external
-      parameter of its parent module;
-    - a submodule returning a dataclass (the transformer's output): ZeRO-3 cannot find the
-      tensors inside, so their backward would run on released (empty) parameters. A
-      forward hook turns such outputs into a NamedTuple with the same fields (attribute
-      access unchanged), which ZeRO-3 traverses. Registered before DeepSpeed's own hooks,
-      so it runs first.
-    """
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-    for parent in model.modules():
-        for child in parent.children():
-            if isinstance(child, nn.Embedding):
-                register_external_parameter(parent, child.weight)
-        parent.register_forward_hook(_dataclass_output_as_namedtuple)
-
-
-_NAMEDTUPLE_OF: dict[type, type] = {}
-
-
-def _dataclass_output_as_namedtuple(module: nn.Module, args: Any, output: Any) -> Any:
-    if not dataclasses.is_dataclass(output) or isinstance(output, type):
-        return None
-    cls = type(output)
-    names = [f.name for f in dataclasses.fields(cls)]
-    if cls not in _NAMEDTUPLE_OF:
-        _NAMEDTUPLE_OF[cls] = collections.namedtuple(cls.__name__, names)
-    return _NAMEDTUPLE_OF[cls](*(getattr(output, n) for n in names))
 
 
 def train(cfg: Config, components: Components | None = None) -> TrainResult:
