@@ -78,7 +78,7 @@ def time_steps(args: argparse.Namespace) -> None:
     from dino_scale.config import load_config
     from dino_scale.engine import Trainer
     from dino_scale.engine import distributed as dist_utils
-    from dino_scale.engine.batching import batch_to, outputs_to_float
+    from dino_scale.engine.batching import outputs_to_float
     from dino_scale.log import setup_logging
 
     setup_logging()
@@ -106,7 +106,8 @@ def time_steps(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         batch = next(loader)
         t1 = time.perf_counter()
-        imgs, masks, targets = batch_to(batch, trainer.device, trainer.dtype)
+        batch = batch.to(trainer.device, dtype=trainer.dtype, non_blocking=True)
+        imgs, masks, targets = batch.images, batch.masks, batch.targets
         outputs = engine(imgs, masks, targets)
         t2 = time.perf_counter()
         losses = criterion(outputs_to_float(outputs), targets)

@@ -317,18 +317,19 @@ def _load_tree(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dic
     sources: dict[str, str] = {}
     for base in bases:
         base_tree, base_sources = _load_tree(path.parent / base, chain + (path,))
-        _merge(tree, base_tree)
+        deep_merge(tree, base_tree)
         sources.update(base_sources)
-    _merge(tree, data)
+    deep_merge(tree, data)
     for key in _dotted_keys(data):
         sources[key] = str(path)
     return tree, sources
 
 
-def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+def deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    """Merge `src` into `dst` key by key, nested dicts recursively (values deep-copied)."""
     for key, value in src.items():
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _merge(dst[key], value)
+            deep_merge(dst[key], value)
         else:
             dst[key] = copy.deepcopy(value)
 
@@ -422,14 +423,13 @@ def _convert(hint: Any, value: Any, key: str, sources: dict[str, str]) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for option in args:
             if option is type(None):
                 continue
             try:
                 return _convert(option, value, key, sources)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass
         names = " or ".join("null" if a is type(None) else _type_name(a) for a in args)
         raise fail(names)
     if origin is Literal:

@@ -9,12 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-@dataclass
-class TinyBatch:
-    images: torch.Tensor
-    masks: torch.Tensor
-    targets: list[dict[str, torch.Tensor]]
+from dino_scale.data import Batch
 
 
 class TinyDetector(nn.Module):
@@ -94,4 +89,4 @@ class TinyLoader:
                         "image_id": torch.tensor(i), "orig_size": torch.tensor([n, n]),
                         "size": torch.tensor([n, n])} for i in range(self.batch_size)]
             self.position += 1
-            yield TinyBatch(images, torch.zeros(self.batch_size, n, n, dtype=torch.bool), targets)
+            yield Batch(images, torch.zeros(self.batch_size, n, n, dtype=torch.bool), targets)

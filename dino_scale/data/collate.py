@@ -21,14 +21,16 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> Batch:
+        """On `device`, images also in `dtype` (masks and targets keep theirs)."""
         return Batch(
-            self.images.to(device, non_blocking=non_blocking),
+            self.images.to(device=device, dtype=dtype, non_blocking=non_blocking),
             self.masks.to(device, non_blocking=non_blocking),
-            [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in self.targets],
+            [{k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+             for t in self.targets],
         )
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(self.images.pin_memory(), self.masks.pin_memory(),
                      [{k: v.pin_memory() for k, v in t.items()} for t in self.targets])
 

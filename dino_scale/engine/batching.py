@@ -1,4 +1,4 @@
-"""Moving batches and model outputs between devices and dtypes."""
+"""Model outputs between dtypes (batches move with `Batch.to`)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,6 @@ def tree_map_tensors(obj: Any, fn) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(tree_map_tensors(v, fn) for v in obj)
     return obj
-
-
-def batch_to(batch: Any, device: torch.device, dtype: torch.dtype = torch.float32
-             ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """(images in `dtype`, masks, targets) of a `dino_scale.data.Batch` on `device`."""
-    images = batch.images.to(device=device, dtype=dtype, non_blocking=True)
-    masks = batch.masks.to(device, non_blocking=True)
-    targets = [tree_map_tensors(t, lambda x: x.to(device, non_blocking=True)) for t in batch.targets]
-    return images, masks, targets
 
 
 def outputs_to_float(outputs: Any) -> Any:

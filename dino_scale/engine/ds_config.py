@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 
-from dino_scale.config import Config
+from dino_scale.config import Config, deep_merge
 from dino_scale.hardware import cpu_features_line, cpu_has_native_bf16
 from dino_scale.log import get_logger
 
 log = get_logger(__name__)
-
-
-def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _deep_merge(dst[key], value)
-        else:
-            dst[key] = copy.deepcopy(value)
 
 
 def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -65,5 +56,5 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         config["zero_optimization"].update(
             {"stage3_gather_16bit_weights_on_model_save": False, "overlap_comm": False}
         )
-    _deep_merge(config, ds.extra)
+    deep_merge(config, ds.extra)
     return config

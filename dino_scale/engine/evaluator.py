@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from dino_scale.engine import distributed as dist_utils
-from dino_scale.engine.batching import batch_to
 from dino_scale.io import atomic_write_text
 from dino_scale.log import get_logger, progress
 
@@ -87,7 +86,8 @@ def evaluate(model: nn.Module, loader: Iterable[Any], annotation_file: str | Pat
     detections: list[dict] = []
     seen: set[int] = set()
     for batch in progress(loader, desc="eval", unit="batch"):
-        images, masks, targets = batch_to(batch, device, dtype)
+        batch = batch.to(device, dtype=dtype, non_blocking=True)
+        images, masks, targets = batch.images, batch.masks, batch.targets
         outputs = model(images, masks)
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         results = postprocess(

@@ -34,7 +34,7 @@ from dino_scale.config import Config, config_to_dict
 from dino_scale.data import ResumableLoader, build_eval_loader, build_train_loader
 from dino_scale.data.categories import dataset_categories
 from dino_scale.engine import distributed as dist_utils
-from dino_scale.engine.batching import batch_to, outputs_to_float
+from dino_scale.engine.batching import outputs_to_float
 from dino_scale.engine.checkpoint import (
     CheckpointManager, capture_rng_state, latest_complete, restore_rng_state, tag_for_step,
 )
@@ -320,7 +320,8 @@ class Trainer:
             if exhausted > 0:
                 return "epoch_end"
 
-            images, masks, targets = batch_to(batch, self.device, self.dtype)
+            batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
+            images, masks, targets = batch.images, batch.masks, batch.targets
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
                 apply_lr(self.optimizer, lr_factor(cfg.optim, self.step, self.epoch))
