@@ -38,6 +38,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard ops/*.h ops/*.cuh ops/*.cpp o
 	touch $(STAMP)
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

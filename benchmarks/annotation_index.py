@@ -2,8 +2,9 @@
 
 Generates (once, cached) a synthetic file with the shape of O365 v2 train — 1,742,289
 images, ~25M boxes, 365 categories, O365's per-annotation fields — then indexes it in a
-fresh process and reports wall time and peak RSS (the indexing process plus its helper process). Baseline, measured in the same run on
-a 1/20 slice of the same data: `json.load` (what pycocotools does) vs our index.
+fresh process and reports wall time and peak RSS (the indexing process plus its helper
+process). Baseline, measured in the same run on a 1/20 slice of the same data: `json.load`
+(what pycocotools does) vs our index.
 
     .venv/bin/python benchmarks/annotation_index.py [--images 1742289] [--boxes 25000000]
 """

@@ -37,10 +37,10 @@ def throughput(cfg: DataConfig, batch_size: int, limit: int) -> float:
 
 def build_shards_without_ray(root: Path, out: Path, samples_per_shard: int = 40) -> None:
     from data_pipeline.annotation_index import load_annotation_index
-    from dino_scale.data.manifest import build_manifest, write_manifest
     from data_pipeline.plan import plan_shards
-    from dino_scale.data.storage import Storage
     from data_pipeline.writer import WriterSettings, write_shard
+    from dino_scale.data.manifest import build_manifest, write_manifest
+    from dino_scale.data.storage import Storage
 
     if (out / "manifest.json").exists():
         return
@@ -63,8 +63,8 @@ def main() -> None:
     common = dict(shuffle_buffer=100, multiprocessing_context="spawn")
     for workers in (0, 1, 2):
         shards = DataConfig(train_shards=str(root / "shards"), num_workers=workers, **common)
-        folder = DataConfig(train_coco_images=str(root / "images"), train_coco_annotations=str(root / "annotations.json"),
-                            num_workers=workers, **common)
+        folder = DataConfig(train_coco_images=str(root / "images"),
+                            train_coco_annotations=str(root / "annotations.json"), num_workers=workers, **common)
         ours = throughput(shards, args.batch_size, args.measure)
         base = throughput(folder, args.batch_size, args.measure)
         per_worker = ours / max(workers, 1)

@@ -131,7 +131,8 @@ def time_interleaved(shape: Shape, locations: str, repeats: int, device: str,
                      dtype: torch.dtype = torch.float32) -> dict[str, float]:
     impls = _implementations()
     inputs = tuple(t.to(device) for t in make_inputs(shape, locations, dtype=dtype))
-    runs = [(f"{impl} {mode}", fn, step) for mode, step in (("fwd", _forward), ("fwd+bwd", _forward_backward)) for impl, fn in impls.items()]
+    runs = [(f"{impl} {mode}", fn, step) for mode, step in (("fwd", _forward), ("fwd+bwd", _forward_backward))
+            for impl, fn in impls.items()]
     for _, fn, step in runs:  # warm-up
         step(fn, inputs)
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}

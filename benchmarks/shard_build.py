@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

@@ -16,8 +16,9 @@ import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import ijson
 import numpy as np

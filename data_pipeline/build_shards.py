@@ -21,16 +21,17 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
 from data_pipeline.annotation_index import load_annotation_index_cached
-from dino_scale.data.manifest import build_manifest, write_manifest
 from data_pipeline.plan import ShardTask, plan_shards
-from dino_scale.data.storage import Storage, redact_url
 from data_pipeline.writer import SAMPLE_FORMAT_VERSION, WriterSettings, write_shard
+from dino_scale.data.manifest import build_manifest, write_manifest
+from dino_scale.data.storage import Storage, redact_url
 from dino_scale.log import get_logger, progress, setup_logging
 
 log = get_logger("data_pipeline.build_shards")
@@ -38,7 +39,8 @@ log = get_logger("data_pipeline.build_shards")
 REPORT_NAME = "build_report.json"
 TRANSIENT_ERRORS: list[type[BaseException]] = [OSError, TimeoutError]
 try:  # s3fs's client: "could not connect" / "connection closed" are not OSErrors there
-    from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
 
     TRANSIENT_ERRORS += [BotoConnectionError, HTTPClientError]
 except ImportError:  # no S3 support installed

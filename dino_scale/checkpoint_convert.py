@@ -16,7 +16,13 @@ import torch
 
 from dino_scale.io import atomic_write_with
 from dino_scale.weights import (
-    CheckpointError, is_official, official_to_ours, ours_to_official, read_official, read_weights, save_weights,
+    CheckpointError,
+    is_official,
+    official_to_ours,
+    ours_to_official,
+    read_official,
+    read_weights,
+    save_weights,
 )
 from dino_scale.weights.official import UNSAFE_FLAG
 

@@ -17,9 +17,10 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -354,7 +355,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key!r} from the command line: cannot parse {raw!r}: {exc}")
+        raise ConfigError(f"override {key!r} from the command line: cannot parse {raw!r}: {exc}") from exc
     return key, value
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from dino_scale.config import Config, dump_config, load_config
 from dino_scale.data import build_eval_loader

@@ -12,7 +12,8 @@ import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return cli.training_parser("launch/finetune_coco.py", "Fine-tune a pretrained DINO on COCO with DeepSpeed ZeRO", finetune=True)
+    return cli.training_parser("launch/finetune_coco.py", "Fine-tune a pretrained DINO on COCO with DeepSpeed ZeRO",
+                               finetune=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return cli.training_parser("launch/pretrain_o365.py", "Pretrain DINO (Objects365 recipe) with DeepSpeed ZeRO", finetune=False)
+    return cli.training_parser("launch/pretrain_o365.py", "Pretrain DINO (Objects365 recipe) with DeepSpeed ZeRO",
+                               finetune=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,10 +66,10 @@ def build_shards_inline(src: Path, out: str, samples_per_shard: int, seed: int =
                         images: Path | None = None) -> dict[str, Any]:
     """The builder's plan + writer + manifest without Ray (fast fixture for loader tests)."""
     from data_pipeline.annotation_index import load_annotation_index
-    from dino_scale.data.manifest import build_manifest, write_manifest
     from data_pipeline.plan import plan_shards
-    from dino_scale.data.storage import Storage
     from data_pipeline.writer import WriterSettings, write_shard
+    from dino_scale.data.manifest import build_manifest, write_manifest
+    from dino_scale.data.storage import Storage
 
     index = load_annotation_index(str(annotations or src / "annotations.json"))
     settings = WriterSettings(images_root=str(images or src / "images"), output_root=out,

@@ -49,8 +49,8 @@ def tiny_demo_data(base: Path) -> dict[str, Path]:
         return out
     splits = generate_demo_data(root / "data", pretrain_images=48, finetune_train_images=16,
                                 val_images=8, image_size=128, seed=5)
-    for name, split, shards in (("pretrain", splits["pretrain"], out["pretrain_shards"]),
-                                ("finetune", splits["finetune_train"], out["finetune_shards"])):
+    for split, shards in ((splits["pretrain"], out["pretrain_shards"]),
+                          (splits["finetune_train"], out["finetune_shards"])):
         run_ok(
             [sys.executable, "-m", "data_pipeline.build_shards", "--annotations", str(split.annotations),
              "--images", str(split.images), "--output", str(shards), "--samples-per-shard", "8",

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import argparse
 import ast
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from dino_scale.checkpoint_convert import main
+from dino_scale.config import load_config
 from dino_scale.models.dino import official_to_ours_key, ours_to_official_keys
+from dino_scale.models.summary import build_on_meta, count_parameters
 from dino_scale.models.swin import relative_position_index
 from dino_scale.weights import (
     CheckpointError,
@@ -23,8 +24,6 @@ from dino_scale.weights import (
     read_official,
     read_weights,
 )
-from dino_scale.config import load_config
-from dino_scale.models.summary import build_on_meta, count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"

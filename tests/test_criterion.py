@@ -11,12 +11,7 @@ import torch.nn.functional as F
 
 from dino_scale.config import ModelConfig
 from dino_scale.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from dino_scale.models.criterion import (
-    SetCriterion,
-    build_criterion,
-    denoising_indices,
-    global_num_boxes,
-)
+from dino_scale.models.criterion import SetCriterion, build_criterion, denoising_indices, global_num_boxes
 
 NUM_CLASSES = 5
 LAYERS = 3
@@ -277,7 +272,8 @@ def test_zero_box_images_give_finite_losses_and_gradients(sizes, dn):
     assert set(out) == expected_names(LAYERS - 1, dn=True, enc=True)
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
-    for tensor in (outputs["pred_logits"], outputs["aux_outputs"][0]["pred_logits"], outputs["enc_outputs"]["pred_logits"]):
+    for tensor in (outputs["pred_logits"], outputs["aux_outputs"][0]["pred_logits"],
+                   outputs["enc_outputs"]["pred_logits"]):
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
     for tensor in leaves(outputs):
         assert tensor.grad is None or torch.isfinite(tensor.grad).all()

@@ -33,8 +33,9 @@ def test_eval_dataset_keeps_crowd_and_matches_annotations(coco_mini):
         assert t["orig_size"].tolist() == [info["height"], info["width"]]
         assert len(t["labels"]) == len(anns)  # no coco-mini box is degenerate
         crowd += int(t["iscrowd"].sum())
-        expected = torch.tensor([[(a["bbox"][0] + a["bbox"][2] / 2) / info["width"], (a["bbox"][1] + a["bbox"][3] / 2) / info["height"],
-                                  a["bbox"][2] / info["width"], a["bbox"][3] / info["height"]] for a in anns]).reshape(-1, 4)
+        w, h = info["width"], info["height"]
+        expected = torch.tensor([[(a["bbox"][0] + a["bbox"][2] / 2) / w, (a["bbox"][1] + a["bbox"][3] / 2) / h,
+                                  a["bbox"][2] / w, a["bbox"][3] / h] for a in anns]).reshape(-1, 4)
         torch.testing.assert_close(t["boxes"], expected.clamp(0, 1), atol=1e-5, rtol=0)
     assert crowd == 8
 

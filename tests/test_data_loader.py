@@ -12,10 +12,10 @@ from collections import Counter
 import pytest
 import torch
 
-from dino_scale.data.manifest import read_manifest
 from data_synthetic import annotations_by_image, build_shards_inline, make_coco
 from dino_scale.config import DataConfig
 from dino_scale.data import BadDataError, Batch, build_train_loader
+from dino_scale.data.manifest import read_manifest
 from dino_scale.data.stream import IndexShuffler, finite_segments
 from faults.shards import rewrite_shard
 
@@ -159,18 +159,21 @@ def test_bad_samples_are_skipped_counted_and_bounded(tmp_path):
     manifest = build_shards_inline(tmp_path / "src", str(tmp_path / "shards"), samples_per_shard=6)
     shards = [tmp_path / "shards" / s["name"] for s in manifest["shards"]]
 
-    def corrupt_first_jpeg(key, parts, seen=[]):
+    seen: list[str] = []
+    count = [0]
+
+    def corrupt_first_jpeg(key, parts):
         if not seen:
             seen.append(key)
             parts["jpg"] = parts["jpg"][: len(parts["jpg"]) // 3]  # truncated JPEG
         return parts
 
-    def bad_boxes(key, parts, n=[0]):
+    def bad_boxes(key, parts):
         meta = json.loads(parts["json"])
-        n[0] += 1
-        if n[0] == 1:
+        count[0] += 1
+        if count[0] == 1:
             meta["boxes"] = [[1.0, 1.0, float("nan"), 3.0]]
-        elif n[0] == 2:
+        elif count[0] == 2:
             meta["boxes"] = [[1.0, 1.0, -4.0, 3.0]]
         else:
             return parts
@@ -227,7 +230,8 @@ def test_coco_mini_every_sample_through_the_loader(coco_mini, tmp_path):
     for t in targets:
         image_id = int(t["image_id"])
         assert t["orig_size"].tolist() == sizes[image_id]
-        non_crowd = Counter(a["category_id"] for a in raw["annotations"] if a["image_id"] == image_id and not a["iscrowd"])
+        non_crowd = Counter(a["category_id"] for a in raw["annotations"]
+                            if a["image_id"] == image_id and not a["iscrowd"])
         assert not Counter(t["labels"].tolist()) - non_crowd
     assert loader.stats()["samples_skipped"] == 0
 
@@ -235,6 +239,7 @@ def test_coco_mini_every_sample_through_the_loader(coco_mini, tmp_path):
 def test_train_shards_may_name_the_manifest_itself(dataset):
     root, _, _ = dataset
     by_dir = build_train_loader(small_cfg(str(root / "shards") + "/"), batch_size=5, rank=0, world_size=1, seed=0)
-    by_file = build_train_loader(small_cfg(str(root / "shards" / "manifest.json")), batch_size=5, rank=0, world_size=1, seed=0)
+    by_file = build_train_loader(small_cfg(str(root / "shards" / "manifest.json")), batch_size=5, rank=0,
+                                 world_size=1, seed=0)
     assert len(by_dir) == len(by_file) == math.ceil(NUM_IMAGES / 5)
     assert image_ids(list(by_dir)) == image_ids(list(by_file))

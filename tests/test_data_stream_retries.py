@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dino_scale.data.storage import Storage
 from dino_scale.data import stream
 from dino_scale.data.samples import BadSample
+from dino_scale.data.storage import Storage
 from dino_scale.data.stream import Segment, read_segments
 
 SAMPLES = 8

@@ -11,7 +11,15 @@ from PIL import Image
 
 from dino_scale.data.collate import collate
 from dino_scale.data.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, crop, hflip, normalize, resize, resized_hw,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TrainTransform,
+    crop,
+    hflip,
+    normalize,
+    resize,
+    resized_hw,
 )
 
 
@@ -50,7 +58,8 @@ def test_hflip_mirrors_boxes_and_pixels():
 def test_resize_scales_boxes_by_the_size_ratio():
     image, t = resize(painted(640, 480, []), target([[64, 48, 320, 240]]), 800, 1333)
     assert image.size == (1066, 800)
-    np.testing.assert_allclose(t["boxes"], [[64 * 1066 / 640, 48 * 800 / 480, 320 * 1066 / 640, 240 * 800 / 480]], rtol=1e-6)
+    np.testing.assert_allclose(t["boxes"], [[64 * 1066 / 640, 48 * 800 / 480, 320 * 1066 / 640, 240 * 800 / 480]],
+                               rtol=1e-6)
 
 
 def test_crop_clips_and_removes_boxes_consistently():
@@ -87,7 +96,6 @@ def test_train_augmentation_keeps_every_box_on_its_object():
     transform = TrainTransform([480, 512, 544, 576, 608, 640], 1333)
     flips = 0
     seen_crop = False
-    white = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     for seed in range(40):
         tensor, t = transform(image, target(boxes), random.Random(seed))
         gray = (tensor * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).mean(0)

@@ -10,9 +10,9 @@ import torch
 
 from dino_scale.config import load_config
 from dino_scale.data.categories import read_categories
+from dino_scale.models import build_dino
 from dino_scale.weights import ours_to_official, save_weights
 from dino_scale.weights.transfer import load_pretrained, normalise_name
-from dino_scale.models import build_dino
 
 SOURCE = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "Traffic Light"},
           {"id": 4, "name": "star"}]

@@ -13,9 +13,8 @@ import torch
 from dino_scale.config import load_config
 from dino_scale.engine import Components, NonFiniteLossError, train
 from dino_scale.engine.checkpoint import COMPLETE_MARKER, latest_complete, list_checkpoints
-from dino_scale.weights import load_weights
 from dino_scale.engine.optim import build_param_groups, lr_factor
-
+from dino_scale.weights import load_weights
 from engine_standins import TinyCriterion, TinyDetector, TinyLoader
 
 pytestmark = pytest.mark.timeout(300)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from data_synthetic import build_shards_inline, make_coco
-from dino_scale.weights import CheckpointError, read_weights
 from dino_scale.config import DataConfig, MetricsConfig, dump_config, load_config
 from dino_scale.metrics import TrainingMetrics
+from dino_scale.weights import CheckpointError, read_weights
 from faults.summary import record
 from launch_helpers import REPO, env
 
@@ -54,7 +54,6 @@ def test_malicious_pretrained_file_is_refused_and_never_runs(tmp_path):
 def test_tampered_training_checkpoint_is_refused_on_resume(tmp_path):
     from dino_scale.engine import Components, train
     from dino_scale.engine.checkpoint import UnsafeCheckpointError, latest_complete
-
     from engine_standins import TinyCriterion, TinyDetector, TinyLoader
 
     def components() -> Components:
@@ -140,7 +139,8 @@ def test_credentials_never_reach_logs_manifests_or_saved_configs(s3_bucket, tmp_
     output = f"{s3_bucket.url}/shards"
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "data_pipeline.build_shards", "--annotations", str(tmp_path / "src" / "annotations.json"),
+            [sys.executable, "-m", "data_pipeline.build_shards",
+             "--annotations", str(tmp_path / "src" / "annotations.json"),
              "--images", str(tmp_path / "src" / "images"), "--output", output, "--samples-per-shard", "4",
              "--num-cpus", "2", "--object-store-mb", "100", "--endpoint-url", s3_bucket.endpoint,
              "--storage-option", f"key={key_id}", "--storage-option", f"secret={secret}", "--log-level", "DEBUG"],

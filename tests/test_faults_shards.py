@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from data_synthetic import build_shards_inline, make_coco
 from dino_scale.data.manifest import read_manifest
 from dino_scale.data.storage import Storage
-from data_synthetic import build_shards_inline, make_coco
 from faults.seaweed import SeaweedS3, weed_binary
 from faults.summary import record
 from launch_helpers import REPO, env
@@ -101,7 +101,8 @@ def test_s3_server_stopped_mid_build_then_rerun_completes(tmp_path):
         names = [p.rsplit("/", 1)[-1] for p in _ls(server, "dino/shards")]
         for name in (n for n in names if n.endswith(".done.json")):  # whatever is marked done is whole
             sidecar = json.loads(storage.read_bytes(name))
-            assert storage.size(sidecar["name"]) == sidecar["bytes"] and storage.sha256(sidecar["name"]) == sidecar["sha256"]
+            assert storage.size(sidecar["name"]) == sidecar["bytes"]
+            assert storage.sha256(sidecar["name"]) == sidecar["sha256"]
 
         rerun = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=240)
         assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
@@ -114,8 +115,8 @@ def test_s3_server_stopped_mid_build_then_rerun_completes(tmp_path):
     finally:
         server.stop()
         subprocess.run(["rm", "-rf", build_env["RAY_TMPDIR"]], check=False)
-    record("s3_server_stopped_mid_build", faults_injected=1, samples_checked=len(ids), data_lost=len(expected) - len(set(ids)),
-           first_run_exit_code=first_rc, shards=len(manifest["shards"]),
+    record("s3_server_stopped_mid_build", faults_injected=1, samples_checked=len(ids),
+           data_lost=len(expected) - len(set(ids)), first_run_exit_code=first_rc, shards=len(manifest["shards"]),
            shards_skipped_on_rerun=report["shards_skipped"])
 
 
@@ -141,7 +142,8 @@ def test_ray_worker_killed_mid_shard_is_retried_to_identical_output(tmp_path):
         deadline = time.monotonic() + 180
         while not killed and proc.poll() is None and time.monotonic() < deadline:
             try:
-                workers = [p for p in driver.children(recursive=True) if " ".join(p.cmdline()).startswith("ray::write_shard")]
+                workers = [p for p in driver.children(recursive=True)
+                           if " ".join(p.cmdline()).startswith("ray::write_shard")]
             except psutil.Error:
                 workers = []
             for worker in workers[:1]:

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from dino_scale.config import dump_config, load_config
-from dino_scale.engine.checkpoint import COMPLETE_MARKER, latest_complete, list_checkpoints
+from dino_scale.engine.checkpoint import COMPLETE_MARKER, list_checkpoints
 from faults.launch import exit_within, launch, wait_for
 from faults.shards import corrupt_copy
 from faults.summary import record
@@ -88,14 +88,16 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
     outcomes = {}
 
     # 1. disk full while rank 0 writes checkpoint step_4: the job stops, step_2 stays the resume point
-    run = launch(args, tmp_path / "rec1", tmp_path / "run1.log", {"enospc_in_save": {"step": 4, "rank": 0}}, config=config)
+    run = launch(args, tmp_path / "rec1", tmp_path / "run1.log", {"enospc_in_save": {"step": 4, "rank": 0}},
+                 config=config)
     assert run.returncode != 0 and "No space left on device" in run.output, run.output[-4000:]
     assert _complete_steps(out) == [2] and (out / "checkpoints" / "step_4").is_dir()
     assert not (out / "checkpoints" / "step_4" / COMPLETE_MARKER).exists()
     outcomes["enospc_in_save"] = run.seconds
 
     # 2. rank 1 SIGKILLed half-way through saving step_4 (DeepSpeed files written, no marker)
-    run = launch(args, tmp_path / "rec2", tmp_path / "run2.log", {"kill_in_save": {"step": 4, "rank": 1}}, config=config)
+    run = launch(args, tmp_path / "rec2", tmp_path / "run2.log", {"kill_in_save": {"step": 4, "rank": 1}},
+                 config=config)
     assert run.returncode != 0, run.output[-4000:]
     assert f"resumed from {out / 'checkpoints' / 'step_2'}: step 2" in run.output
     assert _complete_steps(out) == [2] and any((out / "checkpoints" / "step_4").glob("*.pt"))
@@ -111,8 +113,8 @@ def test_kills_disk_full_and_preemption_resume_to_the_uninterrupted_losses(shard
         os.kill(int((rec3 / "rank1.pid").read_text()), signal.SIGKILL)
         outcomes["sigkill_rank_exit_seconds"] = exit_within(proc, 60)
 
-    run = launch(args, rec3, tmp_path / "run3.log", {"hold": {"rank": 1, "call": 2, "flag": str(flag),
-                                                             "release": str(release)}}, during=kill_rank1, config=config)
+    hold = {"hold": {"rank": 1, "call": 2, "flag": str(flag), "release": str(release)}}
+    run = launch(args, rec3, tmp_path / "run3.log", hold, during=kill_rank1, config=config)
     assert run.returncode != 0, run.output[-4000:]
     assert f"resumed from {out / 'checkpoints' / 'step_2'}: step 2" in run.output
 
@@ -155,7 +157,8 @@ def test_nan_losses_are_skipped_then_persistent_nans_stop_the_job(shards, config
     key_id, secret = "AKIAFAULTNANRUN00001", "nan-run-SECRET-must-not-be-written-0123"
     args = _args(out, shard_dir, "optim.max_steps=10", "optim.max_consecutive_skipped_steps=3",
                  f"data.storage_options={{key: {key_id}, secret: {secret}}}")
-    run = launch(args, tmp_path / "rec", tmp_path / "nan.log", {"nan": {"rank": 1, "calls": [1], "from": 4}}, config=config)
+    run = launch(args, tmp_path / "rec", tmp_path / "nan.log", {"nan": {"rank": 1, "calls": [1], "from": 4}},
+                 config=config)
     assert run.returncode != 0, run.output[-4000:]
     assert "NonFiniteLossError: 3 consecutive steps skipped" in run.output, run.output[-4000:]
 
@@ -180,9 +183,10 @@ def test_nan_losses_are_skipped_then_persistent_nans_stop_the_job(shards, config
     assert not leaks, leaks
     # only DeepSpeed's launcher echoes its command line (overrides included): training
     # credentials belong in the environment (AWS_*), not in overrides
-    echoed = re.compile(r"\[(runner|launch)\.py:\d+:(main|sigkill_handler)\] (cmd = |process \d+ spawned with command|\[)")
+    echoed = re.compile(r"\[(runner|launch)\.py:\d+:(main|sigkill_handler)\] "
+                        r"(cmd = |process \d+ spawned with command|\[)")
     lines = [line for line in run.output.splitlines() if key_id in line or secret in line]
-    assert lines and all(echoed.search(line) for line in lines), [l for l in lines if not echoed.search(l)]
+    assert lines and all(echoed.search(line) for line in lines), [line for line in lines if not echoed.search(line)]
     scanned = sum(1 for p in out.rglob("*") if p.is_file())
     record("nan_loss", faults_injected=4, samples_checked=3 * BATCH_PER_STEP, data_lost=0, skipped_steps=4,
            files_scanned_for_credentials=scanned)

@@ -18,10 +18,11 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jsonschema
 import kubernetes_validate
@@ -52,7 +53,7 @@ def kubectl() -> str:
     return exe
 
 
-@lru_cache(maxsize=None)
+@cache
 def render(path: str) -> tuple[dict, ...]:
     proc = subprocess.run(
         [kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", path],
@@ -224,7 +225,7 @@ class CrdVersion:
     json_schema: dict
 
 
-@lru_cache(maxsize=None)
+@cache
 def crd_versions() -> dict[tuple[str, str, str], CrdVersion]:
     """(group, version, kind) -> schema, for every CRD file in k8s/crds/."""
     out = {}
@@ -499,7 +500,7 @@ def load_module(path: Path, name: str):
     return module
 
 
-@lru_cache(maxsize=None)
+@cache
 def node_launcher():
     return load_module(K8S / "scripts" / "deepspeed_node.py", "deepspeed_node")
 
@@ -846,14 +847,14 @@ TARGET_LABELS = {"namespace", "pod", "container", "instance", "job", "endpoint",
                  "node_rank", "local_rank"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def trainer_metrics() -> dict[str, set[str]]:
     """Sample name -> label names, for every series the trainer exports (read from the
     registry of dino_scale.metrics.TrainingMetrics)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
     from dino_scale.config import MetricsConfig
     from dino_scale.metrics import TrainingMetrics
-
-    from prometheus_client.metrics import MetricWrapperBase
 
     metrics = TrainingMetrics(MetricsConfig(enabled=False), rank=0, local_rank=0)
     registered = {family.name for family in metrics.registry.collect()}

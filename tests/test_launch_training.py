@@ -17,7 +17,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dino_scale.engine.checkpoint import latest_complete, read_complete_marker
-
 from launch_helpers import REPO, deepspeed_cmd, env, run_ok, small_overrides, tiny_demo_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -13,7 +13,8 @@ def random_problem(batch: int, queries: int, classes: int, sizes: list[int], see
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, queries, classes, generator=g) * 2
     boxes = torch.cat(
-        [torch.rand(batch, queries, 2, generator=g) * 0.6 + 0.2, torch.rand(batch, queries, 2, generator=g) * 0.3 + 0.05],
+        [torch.rand(batch, queries, 2, generator=g) * 0.6 + 0.2,
+         torch.rand(batch, queries, 2, generator=g) * 0.3 + 0.05],
         dim=-1,
     )
     targets = []
@@ -53,7 +54,8 @@ def brute_force(logits, boxes, target) -> float:
 
 def assignment_cost(logits, boxes, target, rows, cols) -> float:
     return sum(
-        pair_cost(logits[i], boxes[i], target["labels"][j], target["boxes"][j]) for i, j in zip(rows.tolist(), cols.tolist())
+        pair_cost(logits[i], boxes[i], target["labels"][j], target["boxes"][j])
+        for i, j in zip(rows.tolist(), cols.tolist())
     )
 
 

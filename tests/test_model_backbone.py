@@ -12,12 +12,16 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from dino_scale.models.dino import official_to_ours_key
-from dino_scale.models.swin import relative_position_index
 from dino_scale.config import BackboneConfig
 from dino_scale.models.backbone import (
-    FrozenBatchNorm2d, ResNetBackbone, SwinBackbone, backbone_family, load_backbone_weights,
+    FrozenBatchNorm2d,
+    ResNetBackbone,
+    SwinBackbone,
+    backbone_family,
+    load_backbone_weights,
 )
+from dino_scale.models.dino import official_to_ours_key
+from dino_scale.models.swin import relative_position_index
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -91,7 +91,8 @@ def test_every_trainable_parameter_gets_a_gradient(box_counts):
     targets = [
         {
             "labels": torch.randint(1, 91, (n,), generator=g),
-            "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.1], 1),
+            "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25,
+                               torch.rand(n, 2, generator=g) * 0.3 + 0.1], 1),
         }
         for n in box_counts
     ]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
 import dino_scale.ops as msda_ops
 from dino_scale.ops import accumulate_dtype, ms_deform_attn, ms_deform_attn_reference
+
 
 def make_inputs(
     batch: int = 2,

@@ -17,9 +17,9 @@ from PIL import Image
 
 from data_pipeline import build_shards as build_mod
 from data_pipeline.build_shards import BuildSettings, build_parser, build_shards, main
+from data_synthetic import jpeg_bytes, make_coco
 from dino_scale.data.manifest import read_manifest
 from dino_scale.data.storage import Storage
-from data_synthetic import jpeg_bytes, make_coco
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +74,8 @@ def check_round_trip(storage: Storage, coco_dir: Path) -> dict:
         assert meta["file_name"] == img["file_name"]
     assert manifest["totals"]["samples"] == 80 and manifest["totals"]["boxes"] == 739
     assert manifest["totals"]["crowd_boxes"] == 8
-    assert manifest["categories"] == sorted(({"id": c["id"], "name": c["name"]} for c in coco["categories"]), key=lambda c: c["id"])
+    expected = sorted(({"id": c["id"], "name": c["name"]} for c in coco["categories"]), key=lambda c: c["id"])
+    assert manifest["categories"] == expected
     for shard in manifest["shards"]:
         assert storage.sha256(shard["name"]) == shard["sha256"]
     return manifest
@@ -113,7 +114,8 @@ def test_coco_mini_round_trip_on_s3(ray_local, coco_mini, s3_bucket, tmp_path):
         text = storage.read_bytes(name).decode()
         assert s3_bucket.storage_options["secret"] not in text and s3_bucket.storage_options["key"] not in text
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket.name}/shards", refresh=True)) == sorted(
-        ["manifest.json", "build_report.json"] + [f"shard-{i:06d}{ext}" for i in range(3) for ext in (".tar", ".done.json")]
+        ["manifest.json", "build_report.json"]
+        + [f"shard-{i:06d}{ext}" for i in range(3) for ext in (".tar", ".done.json")]
     )
     again = build_shards(settings)  # resume on S3: everything verified and skipped
     assert again["shards_written"] == 0 and again["shards_skipped"] == 3
@@ -126,8 +128,9 @@ class Interrupt(KeyboardInterrupt):
 def test_interrupted_build_resumes_without_redoing_or_duplicating(ray_local, tmp_path):
     make_coco(tmp_path / "src", num_images=60, seed=1)
     out = tmp_path / "out"
-    settings = BuildSettings(annotations=str(tmp_path / "src" / "annotations.json"), images=str(tmp_path / "src" / "images"),
-                             output=str(out), samples_per_shard=5, seed=11, max_in_flight=2)
+    settings = BuildSettings(annotations=str(tmp_path / "src" / "annotations.json"),
+                             images=str(tmp_path / "src" / "images"), output=str(out), samples_per_shard=5, seed=11,
+                             max_in_flight=2)
     finished = []
 
     def stop_after_three(record):
@@ -141,7 +144,8 @@ def test_interrupted_build_resumes_without_redoing_or_duplicating(ray_local, tmp
     done = sorted(p.name.replace(".done.json", ".tar") for p in out.glob("*.done.json"))
     assert set(finished) <= set(done) and len(done) < 12  # tasks in flight may also have finished
     for name in done:  # every visible shard is complete: its size matches its sidecar
-        assert (out / name).stat().st_size == json.loads((out / name.replace(".tar", ".done.json")).read_text())["bytes"]
+        sidecar = json.loads((out / name.replace(".tar", ".done.json")).read_text())
+        assert (out / name).stat().st_size == sidecar["bytes"]
     corrupted, untouched = done[0], done[1:]
     data = bytearray((out / corrupted).read_bytes())
     data[700] ^= 0xFF  # same size, different content: only sha256 verification notices
@@ -188,7 +192,8 @@ def test_bad_input_is_counted_and_skipped(ray_local, tmp_path):
     ]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != target["id"]]
     for n, (box, cat) in enumerate(bad_boxes):
-        data["annotations"].append({"id": 10_000 + n, "image_id": target["id"], "bbox": box, "category_id": cat, "iscrowd": 0})
+        data["annotations"].append({"id": 10_000 + n, "image_id": target["id"], "bbox": box, "category_id": cat,
+                                    "iscrowd": 0})
     data["annotations"].append({"id": 20_000, "image_id": 424242, "bbox": [1, 1, 2, 2], "category_id": 1})
     (src / "annotations.json").write_text(json.dumps(data))
 
@@ -206,7 +211,8 @@ def test_bad_input_is_counted_and_skipped(ray_local, tmp_path):
     assert meta["category_ids"] == [2, 3]
     assert meta["boxes"] == [[w - 4.0, h - 4.0, 4.0, 4.0], [3.0, 3.0, 4.0, 4.0]]
     jpg, meta, _ = samples[ids[3]]
-    assert Image.open(io.BytesIO(jpg)).format == "JPEG" and meta["size"] == [images[ids[3]]["height"], images[ids[3]]["width"]]
+    assert Image.open(io.BytesIO(jpg)).format == "JPEG"
+    assert meta["size"] == [images[ids[3]]["height"], images[ids[3]]["width"]]
 
 
 def test_max_side_reencodes_and_keeps_original_size(ray_local, tmp_path):
@@ -240,8 +246,9 @@ def test_failing_shard_is_retried_reported_and_resumable(ray_local, tmp_path):
     make_coco(tmp_path / "src", num_images=20, seed=6)
     out = tmp_path / "out"
     (out / "shard-000002.tar").mkdir(parents=True)  # publishing this shard fails with an OSError
-    settings = BuildSettings(annotations=str(tmp_path / "src" / "annotations.json"), images=str(tmp_path / "src" / "images"),
-                             output=str(out), samples_per_shard=5, max_retries=1)
+    settings = BuildSettings(annotations=str(tmp_path / "src" / "annotations.json"),
+                             images=str(tmp_path / "src" / "images"), output=str(out), samples_per_shard=5,
+                             max_retries=1)
     with pytest.raises(build_mod.BuildError, match="1 of 4 shards failed"):
         build_shards(settings)
     report = json.loads((out / "build_report.json").read_text())
@@ -261,8 +268,8 @@ def test_store_unreachable_at_the_end_is_a_clear_error_and_resumable(ray_local, 
 
     make_coco(tmp_path / "src", num_images=12, seed=8)
     out = tmp_path / "out"
-    settings = BuildSettings(annotations=str(tmp_path / "src" / "annotations.json"), images=str(tmp_path / "src" / "images"),
-                             output=str(out), samples_per_shard=4)
+    settings = BuildSettings(annotations=str(tmp_path / "src" / "annotations.json"),
+                             images=str(tmp_path / "src" / "images"), output=str(out), samples_per_shard=4)
     write_bytes = Storage.write_bytes
 
     def unreachable(self, name, data):

@@ -32,7 +32,8 @@ def test_uses_ijson_c_backend():
     assert ijson_backend().__name__.endswith("yajl2_c")
 
 
-@pytest.mark.parametrize("key_order", [("images", "annotations", "categories"), ("categories", "annotations", "images")])
+@pytest.mark.parametrize("key_order", [("images", "annotations", "categories"),
+                                       ("categories", "annotations", "images")])
 def test_index_matches_json_whatever_the_key_order(tmp_path, key_order):
     images, anns, cats = _dataset()
     parts = {"images": images, "annotations": anns, "categories": cats}
@@ -51,7 +52,8 @@ def test_index_matches_json_whatever_the_key_order(tmp_path, key_order):
 def test_duplicate_image_ids_are_dropped_and_counted(tmp_path):
     images, anns, cats = _dataset()
     images.append(dict(images[0]))
-    index = load_annotation_index(_write(tmp_path / "a.json", {"images": images, "annotations": anns, "categories": cats}))
+    path = _write(tmp_path / "a.json", {"images": images, "annotations": anns, "categories": cats})
+    index = load_annotation_index(path)
     assert index.num_images == 4 and index.dropped["duplicate_image_id"] == 1
 
 

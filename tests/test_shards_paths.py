@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from data_pipeline.plan import ShardTask
-from dino_scale.data.storage import is_safe_relative_name
 from data_pipeline.writer import WriterSettings, write_shard
+from dino_scale.data.storage import is_safe_relative_name
 
 
 @pytest.mark.parametrize("name, safe", [

@@ -7,16 +7,17 @@ import contextlib
 import io
 import json
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dino_scale.data.storage import Storage, filesystem, split_url
 from dino_scale.data.collate import Batch, collate
 from dino_scale.data.samples import BadSample, augmentation_seed
+from dino_scale.data.storage import Storage, filesystem, split_url
 from dino_scale.data.transforms import build_eval_transform
 
 

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
-from dino_scale.data.manifest import read_manifest, shard_root
 from dino_scale.data.coco import CocoDetection, SkippingCocoDetection
 from dino_scale.data.collate import Batch, collate
+from dino_scale.data.manifest import read_manifest, shard_root
 from dino_scale.data.samples import BadSample
 from dino_scale.data.shards import BadDataError, ShardStream, WorkerProgress, check_bad_fraction, rank_samples
 from dino_scale.data.stream import mix_seed, rank_range
@@ -206,7 +207,8 @@ class CocoTrainLoader:
         if not 0 <= rank < world_size or batch_size < 1:
             raise ValueError(f"bad rank/world_size/batch_size: {rank}/{world_size}/{batch_size}")
         if cfg.mode != "finite":
-            raise ValueError("a COCO-folder train source supports data.mode=finite only; build shards for resampled mode")
+            raise ValueError("a COCO-folder train source supports data.mode=finite only; "
+                             "build shards for resampled mode")
         self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
         self.coco_dataset = CocoDetection(cfg.train_coco_images, cfg.train_coco_annotations, build_train_transform(cfg),
                                           cfg.storage_options, drop_crowd=True, seed=seed)
@@ -235,7 +237,8 @@ class CocoTrainLoader:
     @property
     def min_len_across_ranks(self) -> int:
         n = len(self.dataset)
-        return min(math.ceil((s - r) / self.batch_size) for r, s in (rank_range(n, k, self.world_size) for k in range(self.world_size)))
+        ranges = (rank_range(n, k, self.world_size) for k in range(self.world_size))
+        return min(math.ceil((s - r) / self.batch_size) for r, s in ranges)
 
     def _check(self) -> dict[str, Any]:
         return {"source": "coco", "seed": self.seed, "batch_size": self.batch_size, "rank": self.rank,
@@ -247,7 +250,8 @@ class CocoTrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION or state.get("check") != self._check():
-            raise ValueError(f"loader state does not match this loader: saved {state.get('check')}, now {self._check()}")
+            raise ValueError(f"loader state does not match this loader: saved {state.get('check')}, "
+                             f"now {self._check()}")
         self.epoch, self.batches, self.finished = int(state["epoch"]), int(state["batches"]), bool(state["finished"])
         self.read, self.reasons = int(state["read"]), {str(k): int(v) for k, v in state["reasons"].items()}
 
@@ -261,7 +265,8 @@ class CocoTrainLoader:
             self._start_epoch(self.epoch + 1)
         self.coco_dataset.set_epoch(self.epoch)  # before the workers receive their copy
         remaining = self._rank_batches()[self.batches :]
-        for batch, read, reasons in _data_loader(self.dataset, self.cfg, batch_sampler=remaining, collate_fn=_collate_skipping):
+        batches = _data_loader(self.dataset, self.cfg, batch_sampler=remaining, collate_fn=_collate_skipping)
+        for batch, read, reasons in batches:
             self.batches += 1
             self.read += read
             for reason, n in reasons.items():
@@ -303,7 +308,8 @@ def build_train_loader(
         return TrainLoader(cfg, **kwargs)
     if cfg.train_coco_images and cfg.train_coco_annotations:
         return CocoTrainLoader(cfg, **kwargs)
-    raise ValueError("set data.train_shards (WebDataset shards) or data.train_coco_images + data.train_coco_annotations")
+    raise ValueError("set data.train_shards (WebDataset shards) or "
+                     "data.train_coco_images + data.train_coco_annotations")
 
 
 __all__ = ["BadDataError", "CocoTrainLoader", "TrainLoader", "build_train_loader"]

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -17,7 +18,13 @@ from dino_scale.data.collate import Batch, collate
 from dino_scale.data.samples import BadSample, augmentation_seed, decode_sample
 from dino_scale.data.storage import Storage
 from dino_scale.data.stream import (
-    IndexShuffler, finite_segments, mix_seed, rank_range, read_segments, resampled_segments, worker_ranges,
+    IndexShuffler,
+    finite_segments,
+    mix_seed,
+    rank_range,
+    read_segments,
+    resampled_segments,
+    worker_ranges,
 )
 from dino_scale.data.transforms import TrainTransform
 from dino_scale.log import get_logger
@@ -50,7 +57,7 @@ class WorkerProgress:
                 "batches": self.batches, "skipped": dict(self.skipped)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkerProgress":
+    def from_dict(cls, d: dict[str, Any]) -> WorkerProgress:
         return cls(int(d["worker"]), int(d["position"]), int(d["valid"]), int(d["batches"]),
                    {str(k): int(v) for k, v in d.get("skipped", {}).items()})
 
@@ -103,7 +110,8 @@ class ShardStream(IterableDataset):
             total, quota = None, stop - start
             if quota <= 0:
                 return
-        shuffler = IndexShuffler(total, self.shuffle_buffer, mix_seed("buffer", self.seed, self.epoch, self.rank, worker))
+        shuffler = IndexShuffler(total, self.shuffle_buffer,
+                                 mix_seed("buffer", self.seed, self.epoch, self.rank, worker))
         shuffler.skip(progress.position)
         reader = read_segments(segments, storage.open, shuffler.pending())
         ready: dict[int, Any] = {}

@@ -24,8 +24,9 @@ import math
 import random
 import tarfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 from dino_scale.data.samples import BadSample
 from dino_scale.log import get_logger
@@ -98,7 +99,8 @@ def finite_segments(
     return slice_segments(order, r_start + w_start, r_start + w_stop)
 
 
-def resampled_segments(shards: list[tuple[str, int]], seed: int, epoch: int, rank: int, worker: int) -> Iterator[Segment]:
+def resampled_segments(shards: list[tuple[str, int]], seed: int, epoch: int, rank: int, worker: int
+                       ) -> Iterator[Segment]:
     """Whole shards drawn uniformly with replacement, forever."""
     order = sorted(s for s in shards if s[1] > 0)
     if not order:
@@ -126,7 +128,7 @@ class IndexShuffler:
         self.next_input = 0
         self.emitted = 0
 
-    def __iter__(self) -> "IndexShuffler":
+    def __iter__(self) -> IndexShuffler:
         return self
 
     def __next__(self) -> int:
@@ -211,7 +213,10 @@ def read_segments(
         base += length
         if not any(pending(first + k) for k in range(length)):
             continue
-        wanted = lambda ordinal: segment.start <= ordinal and pending(first + ordinal - segment.start)  # noqa: E731
+
+        def wanted(ordinal: int, segment: Segment = segment, first: int = first) -> bool:
+            return segment.start <= ordinal and pending(first + ordinal - segment.start)
+
         seen: set[int] = set()
         position = TarPosition()
         for attempt in range(retries + 1):

@@ -15,7 +15,8 @@ resize (shorter side from `crop_scales`) -> random size crop (`crop_min_size`..`
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,8 @@ def resize(image: Image.Image, target: Target, size: int, max_size: int | None) 
     return image, out
 
 
-def crop(image: Image.Image, target: Target, top: int, left: int, height: int, width: int) -> tuple[Image.Image, Target]:
+def crop(image: Image.Image, target: Target, top: int, left: int, height: int, width: int
+         ) -> tuple[Image.Image, Target]:
     """Crop; boxes are shifted and clipped, and boxes left with no area are removed."""
     image = image.crop((left, top, left + width, top + height))
     boxes = target["boxes"] - np.array([left, top, left, top], dtype=np.float32)
@@ -142,7 +144,8 @@ class EvalTransform:
     def __init__(self, size: int = 800, max_size: int = 1333) -> None:
         self.size, self.max_size = size, max_size
 
-    def __call__(self, image: Image.Image, target: Target, rng: random.Random | None = None) -> tuple[torch.Tensor, Target]:
+    def __call__(self, image: Image.Image, target: Target, rng: random.Random | None = None
+                 ) -> tuple[torch.Tensor, Target]:
         image, target = resize(image, target, self.size, self.max_size)
         return normalize(image, target)
 

@@ -11,7 +11,8 @@ linear warm-up over the first `warmup_steps` optimizer steps.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -21,22 +21,28 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
 from torch import nn
 
+from dino_scale import models
 from dino_scale.config import Config, config_to_dict
 from dino_scale.data import ResumableLoader, build_eval_loader, build_train_loader
 from dino_scale.data.categories import dataset_categories
 from dino_scale.engine import distributed as dist_utils
 from dino_scale.engine.batching import outputs_to_float
 from dino_scale.engine.checkpoint import (
-    CheckpointManager, capture_rng_state, latest_complete, restore_rng_state, tag_for_step,
+    CheckpointManager,
+    capture_rng_state,
+    latest_complete,
+    restore_rng_state,
+    tag_for_step,
 )
 from dino_scale.engine.ds_config import build_deepspeed_config
 from dino_scale.engine.evaluator import evaluate
@@ -45,7 +51,6 @@ from dino_scale.engine.preemption import Preemption, release_frames
 from dino_scale.engine.zero3 import prepare_for_zero3
 from dino_scale.io import atomic_write_text
 from dino_scale.log import get_logger
-from dino_scale import models
 from dino_scale.metrics import TrainingMetrics
 from dino_scale.weights.transfer import load_pretrained
 from dino_scale.weights.zero import export_checkpoint

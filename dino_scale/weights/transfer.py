@@ -12,8 +12,9 @@ names that differ only in case/spacing for some). Every other tensor transfers u
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

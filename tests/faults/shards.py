@@ -6,8 +6,8 @@ import io
 import json
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Edit = Callable[[str, dict[str, bytes]], dict[str, bytes]]
 
