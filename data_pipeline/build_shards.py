@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import yaml
 
 from data_pipeline.annotation_index import load_annotation_index_cached
@@ -87,8 +88,6 @@ def build_shards(
     `on_shard_done(record)` is called on the driver after each shard finishes (progress
     hooks; an exception raised there interrupts the build like Ctrl-C would).
     """
-    import ray
-
     start = time.perf_counter()
     index = load_annotation_index_cached(settings.annotations, settings.storage_options, settings.index_cache)
     fingerprint = {**settings.public(), "categories": [c["id"] for c in index.categories]}
@@ -148,8 +147,6 @@ def build_shards(
 
 def _run_bounded(remote: Any, tasks: list[ShardTask], writer: WriterSettings, max_in_flight: int) -> Iterator[tuple]:
     """Yield (record, error, task) as shard tasks finish, keeping <= max_in_flight running."""
-    import ray
-
     queue = iter(tasks)
     pending: dict[Any, ShardTask] = {}
     writer_ref = ray.put(writer)
@@ -264,8 +261,6 @@ def storage_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def init_ray(address: str | None, num_cpus: int | None, object_store_mb: int) -> bool:
     """Connect to (address) or start a local Ray; False when this process already had one."""
-    import ray
-
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -293,8 +288,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return build_shards(settings)
     finally:
         if owns_ray:
-            import ray
-
             ray.shutdown()
 
 

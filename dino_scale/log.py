@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from tqdm import tqdm
+
 T = TypeVar("T")
 
 _FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s"
@@ -92,6 +94,4 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", un
     if not progress_enabled():
         yield from iterable
         return
-    from tqdm import tqdm
-
     yield from tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)

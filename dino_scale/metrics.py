@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from dino_scale.config import MetricsConfig
@@ -130,8 +131,6 @@ class TrainingMetrics:
     def observe_memory(self) -> None:
         self.rss_bytes.set(_rss_bytes())
         try:
-            import torch
-
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 self.cuda_allocated_bytes.set(torch.cuda.memory_allocated())
                 self.cuda_max_allocated_bytes.set(torch.cuda.max_memory_allocated())

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
 from dino_scale.data.collate import Batch, collate
@@ -23,8 +24,6 @@ from dino_scale.data.transforms import build_eval_transform
 
 def load_coco(annotations: str, storage_options: dict[str, Any] | None = None) -> Any:
     """A pycocotools `COCO` object from a local or s3:// JSON file."""
-    from pycocotools.coco import COCO
-
     fs = filesystem(annotations, storage_options)
     with fs.open(split_url(annotations)[1], "rb") as f:
         data = json.load(f)

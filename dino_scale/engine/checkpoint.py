@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from dino_scale.engine import distributed as dist_utils
 from dino_scale.io import atomic_write_text, atomic_write_with
@@ -118,10 +121,6 @@ class UnsafeCheckpointError(RuntimeError):
 
 def _deepspeed_safe_globals() -> list[Any]:
     """The plain classes DeepSpeed pickles into its optimizer-state files (ZeRO 1-3, fp32/bf16)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 

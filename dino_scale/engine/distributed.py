@@ -13,9 +13,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 
 def free_port() -> int:
@@ -34,8 +36,6 @@ def init_distributed() -> None:
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
         )
-    import deepspeed
-
     deepspeed.init_distributed(dist_init_required=True)
     _unlink_shm_allreduce_buffer()
 
@@ -52,8 +52,6 @@ def _unlink_shm_allreduce_buffer() -> None:
     in /dev/shm (RAM) until the machine swaps. By the time `init_distributed` returns on
     every rank (the barrier), each rank has mapped every buffer, so the names can go; the
     mappings last until the processes exit, and a killed rank leaves nothing behind."""
-    from deepspeed.accelerator import get_accelerator
-
     if get_accelerator().device_name() != "cpu" or world_size() == 1:
         return
     dist.barrier()

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from dino_scale.engine import distributed as dist_utils
@@ -33,8 +35,6 @@ STAT_NAMES = (
 
 
 def load_coco(annotation_file: str | Path) -> Any:
-    from pycocotools.coco import COCO
-
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(annotation_file))
 
@@ -53,8 +53,6 @@ def detections_to_coco(image_ids: Iterable[int], results: Iterable[Mapping[str, 
 
 def coco_evaluate(coco_gt: Any, detections: list[dict], image_ids: Iterable[int] | None = None) -> dict[str, float]:
     """COCOeval bbox stats (0-1 scale, -1 where undefined) of `detections` against `coco_gt`."""
-    from pycocotools.cocoeval import COCOeval
-
     if not detections:
         return {name: 0.0 for name in STAT_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):
