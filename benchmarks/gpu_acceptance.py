@@ -392,7 +392,7 @@ def synthetic_batch(images: int, height: int, width: int, num_classes: int, boxe
     [1, num_classes)."""
     import torch
 
-    from dino_scale.data.collate import Batch
+    from dino_scale.data import Batch
 
     gen = torch.Generator().manual_seed(seed)
     targets = []
@@ -418,7 +418,7 @@ def child_swinl(args: argparse.Namespace) -> dict[str, Any]:
 
     from dino_scale.config import load_config
     from dino_scale.engine import Components, Trainer
-    from dino_scale.engine.batching import batch_to, outputs_to_float
+    from dino_scale.engine.batching import outputs_to_float
     from dino_scale.engine.optim import apply_lr, lr_factor
 
     height, width = args.swinl_hw
@@ -449,7 +449,8 @@ def child_swinl(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.swinl_warmup + args.swinl_steps):
         sync()
         t0 = time.perf_counter()
-        images, masks, targets = batch_to(batch, device, trainer.dtype)
+        on_device = batch.to(device, dtype=trainer.dtype)
+        images, masks, targets = on_device.images, on_device.masks, on_device.targets
         apply_lr(trainer.optimizer, lr_factor(cfg.optim, i, 0))  # the trainer's schedule (warm-up)
         outputs = engine(images, masks, targets)
         sync()
@@ -523,7 +524,8 @@ def summary_line(name: str, result: dict[str, Any]) -> str:
     if status != "passed":
         return f"{text}  {result.get('error', '')}"
     if name == "env":
-        return f"{text}  {result.get('gpu')} sm_{''.join(map(str, result.get('capability', [])))}, torch {result['torch']}"
+        arch = "".join(map(str, result.get("capability", [])))
+        return f"{text}  {result.get('gpu')} sm_{arch}, torch {result['torch']}"
     if name == "build":
         return f"{text}  op {result['native']} for {result['arch_list']}, CUDA kernel {result['cuda_kernel']}"
     if name == "tests":

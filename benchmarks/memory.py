@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dino_scale.config import load_config  # noqa: E402
-from dino_scale.engine.batching import batch_to, outputs_to_float  # noqa: E402
+from dino_scale.engine.batching import outputs_to_float  # noqa: E402
 from dino_scale.hardware import cpu_features_line  # noqa: E402
 from dino_scale.models import build_criterion, build_dino  # noqa: E402
 
@@ -126,7 +126,8 @@ def set_checkpointing(model: torch.nn.Module, combination: str) -> None:
 
 
 def one_step(model, criterion, batch, device, dtype, counter: SavedBytes | None = None) -> None:
-    images, masks, targets = batch_to(batch, device, dtype)
+    batch = batch.to(device, dtype=dtype)
+    images, masks, targets = batch.images, batch.masks, batch.targets
     if counter is None:
         outputs = model(images, masks, targets)
     else:

@@ -14,7 +14,6 @@ import torch
 from dino_scale.config import load_config
 from dino_scale.engine import Components, train
 from dino_scale.models import build_criterion, build_dino
-
 from engine_standins import TinyLoader
 
 REPO = Path(__file__).resolve().parents[1]

@@ -92,7 +92,8 @@ def coco_mini_batch(coco_mini: Path, recorded: dict) -> tuple[torch.Tensor, torc
     images, targets = [], []
     for name, digest, hw in zip(recorded["images"], recorded["image_sha256"], recorded["resized_hw"]):
         pixels = np.asarray(Image.open(coco_mini / "train2017" / name).convert("RGB"))
-        assert hashlib.sha256(pixels.tobytes()).hexdigest() == digest, f"{name}: decoded pixels differ from the recording"
+        assert hashlib.sha256(pixels.tobytes()).hexdigest() == digest, \
+            f"{name}: decoded pixels differ from the recording"
         x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
         x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
         images.append((x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None])

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import dino_scale.ops as msda_ops
-from emulated_cuda import (EMU, KERNELS, CompileError, EmulatedMsda, EmulatorError,
-                           build_libraries, compile_command)
+from emulated_cuda import EMU, KERNELS, CompileError, EmulatedMsda, EmulatorError, build_libraries, compile_command
 from test_msda import _run, make_inputs, with_non_finite_locations
 
 pytestmark = [
@@ -143,7 +142,7 @@ def test_float64_gradcheck_through_the_emulated_kernels(emulated):
                                                       margin=0.3)
     op = emulated.function()
     assert torch.autograd.gradcheck(
-        lambda v, l, w: op(v, shapes, starts, l, w),
+        lambda v, locations, w: op(v, shapes, starts, locations, w),
         (value.requires_grad_(), loc.requires_grad_(), weights.requires_grad_()),
     )
 

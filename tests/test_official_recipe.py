@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -92,7 +93,9 @@ MAPPING: dict[str, Callable[[dict], Any]] = {
     "model.enc_n_points": lambda a: a["enc_n_points"],
     "model.dec_n_points": lambda a: a["dec_n_points"],
     "model.num_queries": lambda a: a["num_queries"],
-    "model.position_temperature": lambda a: a["pe_temperatureH"] if a["pe_temperatureH"] == a["pe_temperatureW"] else (a["pe_temperatureH"], a["pe_temperatureW"]),
+    "model.position_temperature": lambda a: (
+        a["pe_temperatureH"] if a["pe_temperatureH"] == a["pe_temperatureW"]
+        else (a["pe_temperatureH"], a["pe_temperatureW"])),
     "model.dn_number": lambda a: a["dn_number"] if a["use_dn"] else 0,
     "model.dn_box_noise_scale": lambda a: a["dn_box_noise_scale"],
     "model.dn_label_noise_ratio": lambda a: a["dn_label_noise_ratio"],
@@ -116,7 +119,8 @@ MAPPING: dict[str, Callable[[dict], Any]] = {
     "optim.epochs": lambda a: a["epochs"],
     "optim.lr_drop_milestones": _milestones,
     "optim.lr_drop_gamma": lambda a: (
-        None if CODE["main.py"]["StepLR(step_size=lr_drop) gamma passed"] else _default(torch.optim.lr_scheduler.StepLR, "gamma")),
+        None if CODE["main.py"]["StepLR(step_size=lr_drop) gamma passed"]
+        else _default(torch.optim.lr_scheduler.StepLR, "gamma")),
     "optim.lr_schedule_by": lambda a: CODE["main.py"]["lr_scheduler.step() once per"],
     "optim.warmup_steps": lambda a: None if CODE["main.py"]["learning-rate warm-up"] else 0,
     "deepspeed.micro_batch_per_gpu": lambda a: a["batch_size"],
@@ -177,7 +181,8 @@ INTENDED_DIFFERENCES = {
     (COCO_FT, "optim.epochs"): "our fine-tune length after Objects365; not in the official files",
     (COCO_FT, "optim.lr_drop_milestones"): "our fine-tune schedule; not in the official files",
     (COCO_FT, "deepspeed.micro_batch_per_gpu"): "as for Objects365 pretraining",
-    **{(path, key): "5 levels, as config/DINO/DINO_5scale.py" for path in (O365_5, COCO_FT_5) for key in FIVE_SCALE_KEYS},
+    **{(path, key): "5 levels, as config/DINO/DINO_5scale.py"
+       for path in (O365_5, COCO_FT_5) for key in FIVE_SCALE_KEYS},
     **{(O365_5, key): why for (path, key), why in {
         (O365, "model.num_classes"): "as for 4-scale pretraining",
         (O365, "model.dn_labelbook_size"): "as for 4-scale pretraining",
