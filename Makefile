@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;8.9;9.0+PTX
 
-.PHONY: install test demo gpu-check clean
+.PHONY: install test demo gpu-check clean slurm-packages
 
 install: $(STAMP)
 
@@ -37,9 +37,23 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard ops/*.h ops/*.cuh ops/*.cpp o
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+test: install slurm-packages
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The Slurm daemons behind tests/test_slurm.py (a real one-node cluster on loopback):
+# installed with apt-get when one is missing and we are root on a Debian-like machine.
+# Never fails the build: without them those tests skip and say why.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-packages:
+	@if ! (PATH="$$PATH:/usr/sbin:/sbin"; for b in sbatch slurmctld slurmd munged; do command -v $$b || exit 1; done) >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(SLURM_PACKAGES) for tests/test_slurm.py"; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES)) >/dev/null 2>&1 \
+	      || echo "could not install $(SLURM_PACKAGES): tests/test_slurm.py will skip"; \
+	  else echo "no apt-get or not root: $(SLURM_PACKAGES) not installed, tests/test_slurm.py will skip"; fi; \
+	fi
 
 demo: install
 	$(PY) launch/demo.py
