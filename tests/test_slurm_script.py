@@ -42,3 +42,17 @@ def test_a_bad_override_stops_the_submission_before_anything_is_queued(tmp_path)
     done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
     assert done.returncode != 0 and "no_such_key" in done.stderr
     assert not (tmp_path / "slurm").exists()
+
+
+def test_finetuning_needs_pretrained_weights_and_passes_them_to_the_entry_point(tmp_path):
+    base = [sys.executable, "-m", "dino_scale.slurm", "submit", "finetune", "--config", "configs/demo/finetune.yaml",
+            "--dry-run", f"paths.output_dir={tmp_path}"]
+    refused = subprocess.run(base, cwd=REPO, env=env(), capture_output=True, text=True)
+    assert refused.returncode != 0 and "--pretrained is required" in refused.stderr
+    done = subprocess.run([*base, "--pretrained", "ckpt/model.safetensors", "--nodes", "2"], cwd=REPO, env=env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    train = next(line for line in done.stdout.splitlines() if line.startswith("TRAIN=("))
+    assert train.startswith("TRAIN=(launch/finetune_coco.py --config ") and "--pretrained ckpt/model.safetensors" in train
+    assert f"paths.output_dir={tmp_path}" in train and f"RUN_DIR={tmp_path}" in done.stdout
+    assert not (tmp_path / "slurm").exists()  # a dry run writes nothing
