@@ -112,6 +112,8 @@ def start_cluster(root: Path, cpus: int = 2) -> SlurmCluster:
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
         "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+        # schedule every 2 s (default 60): a requeued job starts again within seconds
+        "SchedulerParameters=sched_interval=2,bf_interval=1",
         "JobRequeue=1", "ReturnToService=2", "MpiDefault=none", "SwitchType=switch/none",
         f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
         f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP",
