@@ -124,7 +124,8 @@ def test_the_time_limit_signal_checkpoints_requeues_and_the_job_finishes_with_th
     assert sorted({s for s, _ in logged}) == list(range(1, MAX_STEPS + 1))
     mismatched = [(s, v, reference[s]) for s, v in logged if v != reference[s]]
     assert not mismatched, mismatched
-    print(f"interrupted at step {stopped_at}, requeued, finished: {seconds:.1f} s (uninterrupted {uninterrupted[2]:.1f} s)")
+    print(f"interrupted at step {stopped_at}, requeued, finished: {seconds:.1f} s "
+          f"(uninterrupted {uninterrupted[2]:.1f} s)")
 
 
 @pytest.mark.slow

@@ -53,6 +53,7 @@ def test_finetuning_needs_pretrained_weights_and_passes_them_to_the_entry_point(
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     train = next(line for line in done.stdout.splitlines() if line.startswith("TRAIN=("))
-    assert train.startswith("TRAIN=(launch/finetune_coco.py --config ") and "--pretrained ckpt/model.safetensors" in train
+    assert train.startswith("TRAIN=(launch/finetune_coco.py --config ")
+    assert "--pretrained ckpt/model.safetensors" in train
     assert f"paths.output_dir={tmp_path}" in train and f"RUN_DIR={tmp_path}" in done.stdout
     assert not (tmp_path / "slurm").exists()  # a dry run writes nothing
