@@ -220,6 +220,8 @@ def memory_table(write: str | None) -> str:
         "ZeRO-3 mainly matters when activations (batch, 5-scale, Swin window 12 at 1333 px) push",
         "against the limit. Activations, not model states, dominate DINO's memory.",
         "",
+        "Measured peaks of whole training steps (activations included) on a GPU: docs/memory_measured.md.",
+        "",
         "Regenerate: `python benchmarks/train_step.py --memory-table --write docs/zero_memory.md`.",
     ]
     text = "\n".join(lines) + "\n"
