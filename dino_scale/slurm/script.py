@@ -160,6 +160,7 @@ def _shards_body(job: Job) -> list[str]:
         "# workers first: stopped after the head, each waits 30 s for the head's GCS to drain it",
         'kill -TERM "$workers_pid"; wait "$workers_pid" 2>/dev/null',
         'kill -TERM "$head_pid"; wait "$head_pid" 2>/dev/null',
+        'rm -rf "/tmp/ray-slurm-$SLURM_JOB_ID"',
         'echo "$(date -u +%T) build_shards exited with status $status"',
         'exit "$status"',
     ]
