@@ -22,6 +22,11 @@ PYTEST_ARGS ?=
 # default); .ci/run compiles only the oldest and newest, which is as much compiler time as
 # two archs.
 export CUDA_HOME ?= /usr/local/cuda
+# JIT-built extensions (DeepSpeed's CPU shared-memory all-reduce) go into this venv, not the
+# user-wide ~/.cache/torch_extensions: venvs at other paths rebuild there in turn (their
+# flags differ), and a process killed while building leaves a lock that hangs every later
+# DeepSpeed start on the machine.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;8.9;9.0+PTX
 
 .PHONY: install test demo gpu-check clean slurm-packages
