@@ -55,6 +55,8 @@ STEP_LIMITS = {"env": 60, "build": 300, "tests": 180, "msda": 150, "swinl": 240}
 # A variant starts only if at least this many seconds are left before the deadline.
 MIN_VARIANT_SECONDS = 60
 RESULT_PREFIX = "ACCEPTANCE_RESULT "
+# torch.distributed rendezvous variables: each step's process is a world of one
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # a `@pytest.mark.gpu` decorator, or a module-wide `pytestmark = ... pytest.mark.gpu ...`
 GPU_MARK = re.compile(r"^(\s*@pytest\.mark\.gpu\b|pytestmark\s*=.*\bpytest\.mark\.gpu\b)", re.M)
 # Named Swin-L variants: config overrides on top of configs/pretrain_o365_swinl.yaml.
@@ -170,8 +172,8 @@ def run_subprocess(cmd: list[str], limit: float, env: dict[str, str] | None = No
                    cwd: Path = REPO) -> tuple[int | None, str]:
     """(exit status or None on timeout, combined output). The child runs in the checkout
     (on PYTHONPATH, installed or not) in its own process group, so that a timeout kills
-    everything it started."""
-    env = dict(os.environ if env is None else env)
+    everything it started, as a world of its own (no rendezvous variables of this process)."""
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k not in RENDEZVOUS_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -83,6 +83,16 @@ def test_a_step_that_overruns_its_limit_is_killed_with_everything_it_started():
     assert time.monotonic() - started < 10
 
 
+def test_steps_run_as_a_world_of_their_own(monkeypatch):
+    # a caller inside a process group (the test process after in-process training) must not
+    # hand its rendezvous to a step: the step would try to listen on the caller's port
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("RANK", "0")
+    code, out = acceptance.run_subprocess(["bash", "-c", "echo port=${MASTER_PORT:-none} rank=${RANK:-none}"],
+                                          limit=30)
+    assert code == 0 and out.strip() == "port=none rank=none"
+
+
 def test_a_child_result_is_read_from_its_last_result_line():
     out = f"noise\n{acceptance.RESULT_PREFIX}{{\"a\": 1}}\nmore noise\n{acceptance.RESULT_PREFIX}{{\"a\": 2}}\n"
     assert acceptance.child_result(out) == {"a": 2}
