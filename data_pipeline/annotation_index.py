@@ -24,6 +24,7 @@ import ijson
 import numpy as np
 
 from dino_scale.data.storage import filesystem, redact_url, split_url
+from dino_scale.errors import UserError
 from dino_scale.io import atomic_write_with
 from dino_scale.log import get_logger
 
@@ -133,8 +134,14 @@ def _parse(url: str, storage_options: dict[str, Any] | None, prefix: str, collec
     fs = filesystem(url, storage_options)
     with fs.open(split_url(url)[1], "rb", block_size=READ_CHUNK) as f:
         items = backend.items(f, f"{prefix}.item", use_float=True, buf_size=1 << 20)
-        {"images": collector.images, "annotations": collector.annotations,
-         "categories": collector.category_items}[prefix](items)
+        try:
+            {"images": collector.images, "annotations": collector.annotations,
+             "categories": collector.category_items}[prefix](items)
+        except ijson.JSONError as exc:
+            raise UserError(f"{redact_url(url)} is not a COCO-format JSON file ({' '.join(str(exc).split())[:160]}); "
+                            "pass the annotation file with --annotations") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{redact_url(url)}: a COCO '{prefix}' entry lacks or mistypes a field ({exc!r})") from exc
 
 
 def _parse_images_and_categories(url: str, storage_options: dict[str, Any] | None) -> _Collector:

@@ -33,7 +33,10 @@ from data_pipeline.plan import ShardTask, plan_shards
 from data_pipeline.writer import SAMPLE_FORMAT_VERSION, WriterSettings, write_shard
 from dino_scale.data.manifest import build_manifest, write_manifest
 from dino_scale.data.storage import Storage, redact_url
+from dino_scale.errors import DEBUG_FLAG, UserError, run_command
 from dino_scale.log import get_logger, progress, setup_logging
+from dino_scale.preflight import Report, require
+from dino_scale.preflight.locations import Locations
 
 log = get_logger("data_pipeline.build_shards")
 
@@ -244,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec/s3fs option (value parsed as YAML); repeatable; never logged")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(DEBUG_FLAG, action="store_true", help="tracebacks instead of one-line errors (or DINO_DEBUG=1)")
     return p
 
 
@@ -251,12 +255,22 @@ def storage_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for item in args.storage_option:
         if "=" not in item:
-            raise SystemExit("--storage-option expects KEY=VALUE (got an argument without '=')")
+            raise UserError("--storage-option expects KEY=VALUE (got an argument without '=')")
         key, value = item.split("=", 1)
         options[key] = yaml.safe_load(value)
     if args.endpoint_url:
         options["endpoint_url"] = args.endpoint_url
     return options
+
+
+def check_inputs(settings: BuildSettings) -> None:
+    """Before Ray starts: the annotation file and the image root can be read (S3: one cheap
+    call proves credentials and endpoint)."""
+    report = Report()
+    where = Locations(report, settings.storage_options)
+    where.readable(settings.annotations, "file", "--annotations", "annotation file")
+    where.readable(settings.images, "dir", "--images", "image root")
+    require(report)
 
 
 def init_ray(address: str | None, num_cpus: int | None, object_store_mb: int) -> bool:
@@ -283,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_in_flight=args.max_in_flight, max_retries=args.max_retries,
         storage_options=storage_options_from_args(args), index_cache=args.index_cache,
     )
+    check_inputs(settings)
     owns_ray = init_ray(args.ray_address, args.num_cpus, args.object_store_mb)
     try:
         return build_shards(settings)
@@ -291,9 +306,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ray.shutdown()
 
 
-if __name__ == "__main__":
+def _main(argv: list[str] | None) -> int:
     try:
-        main()
-    except BuildError as exc:
+        main(argv)
+    except BuildError as exc:  # finished shards are kept: not a user error, a re-run resumes
         log.error("%s", exc)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(_main, "python -m data_pipeline.build_shards"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dino_scale.errors import DEBUG_FLAG, run_command
 from dino_scale.io import atomic_write_with
 from dino_scale.weights import (
     CheckpointError,
@@ -30,6 +31,7 @@ from dino_scale.weights.official import UNSAFE_FLAG
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dino_scale.checkpoint_convert",
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="tracebacks instead of one-line errors (or DINO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("official-to-ours", help="official DINO .pth -> dino-scale safetensors")
     a.add_argument("src")
@@ -42,23 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, or 2 with one line on stderr for a missing or unreadable checkpoint."""
+    return run_command(convert, "python -m dino_scale.checkpoint_convert", argv)
+
+
+def convert(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "official-to-ours":
-            obj = read_official(args.src, args.allow_unsafe_pickle)
-            if not is_official(obj):
-                raise CheckpointError(f"{args.src}: not an official DINO checkpoint (no 'model' state dict)")
-            state = official_to_ours(obj["model"])
-            save_weights({k: v.contiguous() for k, v in state.items()}, args.dst,
-                         {"source": f"official DINO checkpoint {Path(args.src).name}"})
-            print(f"wrote {len(state)} tensors to {args.dst}")
-        else:
-            official = ours_to_official(read_weights(args.src))
-            atomic_write_with(args.dst, lambda f: torch.save({"model": official}, f))
-            print(f"wrote {len(official)} official keys to {args.dst}")
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "official-to-ours":
+        obj = read_official(args.src, args.allow_unsafe_pickle)
+        if not is_official(obj):
+            raise CheckpointError(f"{args.src}: not an official DINO checkpoint (no 'model' state dict)")
+        state = official_to_ours(obj["model"])
+        save_weights({k: v.contiguous() for k, v in state.items()}, args.dst,
+                     {"source": f"official DINO checkpoint {Path(args.src).name}"})
+        print(f"wrote {len(state)} tensors to {args.dst}")
+    else:
+        official = ours_to_official(read_weights(args.src))
+        atomic_write_with(args.dst, lambda f: torch.save({"model": official}, f))
+        print(f"wrote {len(official)} official keys to {args.dst}")
     return 0
 
 

@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 import yaml
 
+from dino_scale.errors import UserError
 from dino_scale.io import atomic_write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key and its source."""
 
 

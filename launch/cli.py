@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from dino_scale.engine import distributed as dist_utils
 from dino_scale.engine.evaluator import evaluate
 from dino_scale.engine.inference import detect, draw_detections, names_for
 from dino_scale.engine.trainer import PREEMPTED_EXIT_CODE, train
-from dino_scale.log import get_logger, setup_logging
+from dino_scale.errors import DEBUG_FLAG, UserError
+from dino_scale.log import current_rank, get_logger, setup_logging
 from dino_scale.models import PostProcess, build_dino
+from dino_scale.preflight import Plan, require, run_preflight
 from dino_scale.weights import load_model, load_state_into, read_weights
 
 log = get_logger(__name__)
@@ -31,6 +34,24 @@ def _common(parser: argparse.ArgumentParser, config_required: bool = True) -> No
                         help="config overrides, e.g. optim.lr=2e-4 deepspeed.zero_stage=3")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the DeepSpeed launcher; the rank is read from the environment")
+    add_debug_flag(parser)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="show tracebacks instead of one-line errors (or DINO_DEBUG=1)")
+
+
+def preflight(cfg: Config, plan: Plan) -> None:
+    """Rank 0 checks what the run needs before any process group or model exists; a problem
+    ends the command with one line each (the launcher then stops the other ranks)."""
+    if current_rank() != 0:
+        return
+    report = require(run_preflight(cfg, plan, world_size=int(os.environ.get("WORLD_SIZE", "1"))))
+    for check in report.checks:
+        if check.status == "warn":
+            log.warning("preflight: %s: %s", check.name, check.detail)
+    log.info("preflight: %d checks passed in %.1f s", len(report.checks), report.seconds)
 
 
 def training_parser(prog: str, description: str, finetune: bool) -> argparse.ArgumentParser:
@@ -65,6 +86,8 @@ def run_training(args: argparse.Namespace) -> int:
     """Train on every rank; exit status 143 when stopped by SIGTERM (checkpoint written)."""
     cfg = _training_config(args)
     output_dir = Path(cfg.paths.output_dir)
+    setup_logging()
+    preflight(cfg, Plan(weights=cfg.train.pretrained, allow_unsafe_pickle=cfg.train.allow_unsafe_pickle))
     setup_logging(cfg.paths.log_dir or output_dir / "logs")
     dist_utils.init_distributed()
     if dist_utils.rank() == 0:
@@ -104,9 +127,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
     cfg = load_config(args.config, list(args.overrides))
-    if not (cfg.data.val_images and cfg.data.val_annotations):
-        raise SystemExit("error: data.val_images and data.val_annotations must be set")
     setup_logging()
+    output = Path(args.output or Path(cfg.paths.output_dir) / "eval" / "evaluate.json")
+    preflight(cfg, Plan(train=False, require_val=True, weights=args.checkpoint, weights_key="--checkpoint",
+                        transfer=False, allow_unsafe_pickle=args.allow_unsafe_pickle,
+                        outputs=[str(output)] + ([args.detections] if args.detections else [])))
     dist_utils.init_distributed()
     cfg.model.backbone.pretrained_path = None
     model = build_dino(cfg.model)
@@ -117,7 +142,6 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
         cfg.data, batch_size=args.batch_size or cfg.deepspeed.micro_batch_per_gpu,
         rank=dist_utils.rank(), world_size=dist_utils.world_size(),
     )
-    output = Path(args.output or Path(cfg.paths.output_dir) / "eval" / "evaluate.json")
     stats = evaluate(model, loader, cfg.data.val_annotations,
                      postprocess=PostProcess(cfg.model.num_select), device=device,
                      output_json=output if dist_utils.rank() == 0 else None,
@@ -150,11 +174,16 @@ def infer_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=1.0, help="enlarge the drawing (small images)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     parser.add_argument("--allow-unsafe-pickle", action="store_true")
+    add_debug_flag(parser)
     return parser
 
 
 def run_infer(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(args.config, list(args.overrides))
+    if args.categories and not Path(args.categories).is_file():
+        raise UserError(f"--categories {args.categories} does not exist")
+    preflight(cfg, Plan(train=False, weights=args.checkpoint, weights_key="--checkpoint", transfer=False,
+                        allow_unsafe_pickle=args.allow_unsafe_pickle, images=[args.image], outputs=[args.out]))
     model = load_model(args.config, args.checkpoint, list(args.overrides),
                        allow_unsafe_pickle=args.allow_unsafe_pickle)
     threshold = cfg.train.draw_score_threshold if args.threshold is None else args.threshold

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 import cli
+from dino_scale.errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,4 +20,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "launch/infer.py"))

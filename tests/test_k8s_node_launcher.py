@@ -61,6 +61,24 @@ def test_unusable_commands_are_refused(tmp_path: Path, change, message: str, cap
     assert not (tmp_path / "hostfile").exists()
 
 
+def test_a_misconfigured_job_stops_before_the_launcher(tmp_path: Path, capfd) -> None:
+    """The preflight runs first, with the job's world size: exit status 2, one line per
+    problem, no hostfile, no launcher (the script named does not even exist)."""
+    launcher = load_launcher()
+    argv = ds_command(tmp_path / "hostfile", script="launch/pretrain_o365.py", extra=(
+        "--config", str(REPO / "configs/demo/pretrain.yaml"), f"data.train_shards={tmp_path}/missing",
+        f"paths.output_dir={tmp_path}/out", "deepspeed.micro_batch_per_gpu=0"))
+    assert launcher.preflight_command(launcher.check_command(argv))[-2:] == ["--world-size", "4"]
+    assert launcher.main(argv) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert any("data.train_shards" in line and "/missing" in line for line in errors), err
+    assert any("micro_batch_per_gpu" in line for line in errors), err
+    assert "the launcher was not started" in err
+    assert not (tmp_path / "hostfile").exists()
+
+
 STAND_IN = """
 import os, signal, sys, time
 out = sys.argv[-1]

@@ -18,11 +18,12 @@ ROOTS = ("dino_scale", "data_pipeline", "launch")
 # Lowest layer first; a layer's groups may not import each other (models and data are
 # siblings). A module belongs to the group of its longest matching prefix.
 LAYERS: list[dict[str, tuple[str, ...]]] = [
-    {"leaves": ("dino_scale.config", "dino_scale.io", "dino_scale.log", "dino_scale.ops", "dino_scale.hardware")},
+    {"leaves": ("dino_scale.config", "dino_scale.errors", "dino_scale.io", "dino_scale.log", "dino_scale.ops",
+                "dino_scale.hardware")},
     {"models": ("dino_scale.models",), "data": ("dino_scale.data",)},
     {"weights": ("dino_scale.weights",)},
     {"engine": ("dino_scale.engine", "dino_scale.metrics")},
-    {"apps": ("dino_scale.checkpoint_convert", "dino_scale.slurm", "data_pipeline", "launch")},
+    {"apps": ("dino_scale.checkpoint_convert", "dino_scale.preflight", "dino_scale.slurm", "data_pipeline", "launch")},
 ]
 # the package itself: its __init__ re-exports leaves only
 PACKAGE_ROOT = {"dino_scale": "leaves"}

@@ -27,6 +27,7 @@ from dino_scale.data.stream import (
     worker_ranges,
 )
 from dino_scale.data.transforms import TrainTransform
+from dino_scale.errors import UserError
 from dino_scale.log import get_logger
 
 log = get_logger("dino_scale.data.shards")
@@ -34,7 +35,7 @@ log = get_logger("dino_scale.data.shards")
 LOGGED_BAD_SAMPLES = 20
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
     """Too large a fraction of the samples read was corrupt."""
 
 

@@ -9,7 +9,7 @@
 """
 
 from dino_scale.weights.errors import CheckpointError
-from dino_scale.weights.load import load_model, load_state_into, read_weights
+from dino_scale.weights.load import load_model, load_state_into, read_weight_shapes, read_weights
 from dino_scale.weights.official import is_official, official_to_ours, ours_to_official, read_official
 from dino_scale.weights.safetensors import load_weights, read_metadata, save_weights
 from dino_scale.weights.transfer import load_pretrained
@@ -17,6 +17,7 @@ from dino_scale.weights.zero import export_checkpoint
 
 __all__ = [
     "CheckpointError", "export_checkpoint", "is_official", "load_model", "load_pretrained", "load_state_into",
-    "load_weights", "official_to_ours", "ours_to_official", "read_metadata", "read_official", "read_weights",
+    "load_weights", "official_to_ours", "ours_to_official", "read_metadata", "read_official", "read_weight_shapes",
+    "read_weights",
     "save_weights",
 ]

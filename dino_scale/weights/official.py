@@ -70,21 +70,22 @@ def ours_to_official(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return official
 
 
-def read_official(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[str, Any]:
+def read_official(path: str | Path, allow_unsafe_pickle: bool = False, mmap: bool = False) -> dict[str, Any]:
     """Load an official `.pth` without running arbitrary pickled code.
 
     Tensors, containers and `argparse.Namespace` (the official 'args') are allowed; any other
-    object is refused unless `allow_unsafe_pickle` (CLI `--allow-unsafe-pickle`).
+    object is refused unless `allow_unsafe_pickle` (CLI `--allow-unsafe-pickle`). `mmap`
+    maps the tensors' storage instead of reading it (only what is touched is read).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         if allow_unsafe_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as exc:  # truncated or not a torch file
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, ValueError) as exc:  # truncated or not a torch file (mmap: ValueError)
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: {exc}") from exc
     except pickle.UnpicklingError as exc:
         raise CheckpointError(

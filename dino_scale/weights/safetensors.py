@@ -63,6 +63,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors stored in a safetensors file (its header only)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Inverse of `save_weights`: the full state dict (aliases restored) and the metadata."""
     state = load_file(str(path))

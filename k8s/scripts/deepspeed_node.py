@@ -6,7 +6,10 @@
         launch/pretrain_o365.py --config CONFIG [key.sub=value ...]
 
 Everything after the script name is the `deepspeed` command line, unchanged. This wrapper
-adds the two things the launcher lacks inside a pod:
+first runs the preflight (`python -m dino_scale.preflight` with the training script's
+arguments and the job's world size): a misconfigured job (missing shards or weights, no S3
+credentials, a bad config value, ...) ends with exit status 2 and one line per problem in
+seconds, before any rank starts. Then it adds the two things the launcher lacks inside a pod:
 
 - `--no_ssh` still sizes the world from a hostfile (and checks `0 <= node_rank < hosts`):
   an N-line hostfile, `node-<i> slots=G`, is written at the `--hostfile` path first. The
@@ -93,8 +96,23 @@ def training_processes(runner_pid: int) -> list[psutil.Process]:
     return ranks
 
 
+def preflight_command(args) -> list[str] | None:
+    """`python -m dino_scale.preflight` with the training script's arguments, for the whole
+    job; None when the script takes no `--config` (not a dino-scale training script)."""
+    if not any(a == "--config" or a.startswith("--config=") for a in args.user_args):
+        return None
+    return [sys.executable, "-m", "dino_scale.preflight", *args.user_args,
+            "--world-size", str(args.num_nodes * args.num_gpus)]
+
+
 def run(argv: list[str]) -> int:
     args = check_command(argv)
+    preflight = preflight_command(args)
+    code = subprocess.call(preflight) if preflight else 0
+    if code != 0:
+        print(f"deepspeed_node: preflight failed (exit status {code}); the launcher was not started",
+              file=sys.stderr, flush=True)
+        return code
     write_hostfile(args.hostfile, args.num_nodes, args.num_gpus)
     print(
         f"deepspeed_node: node {args.node_rank}/{args.num_nodes}, {args.num_gpus} ranks per node, "
