@@ -268,7 +268,13 @@ def check_inputs(settings: BuildSettings) -> None:
     call proves credentials and endpoint)."""
     report = Report()
     where = Locations(report, settings.storage_options)
-    where.readable(settings.annotations, "file", "--annotations", "annotation file")
+    if where.readable(settings.annotations, "file", "--annotations", "annotation file"):
+        with Storage(settings.annotations.rpartition("/")[0] or ".", settings.storage_options).open(
+                settings.annotations.rpartition("/")[2]) as f:
+            head = f.read(256).lstrip()
+        if not head.startswith(b"{"):
+            report.fail("--annotations", f"{redact_url(settings.annotations)} is not a JSON object "
+                                         "(COCO format: {\"images\": [...], \"annotations\": [...], ...})")
     where.readable(settings.images, "dir", "--images", "image root")
     require(report)
 

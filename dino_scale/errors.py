@@ -114,8 +114,9 @@ def report(prog: str, message: str) -> None:
     """Print `prog: error: <line>` for each line of `message` (rank 0 only; others log it)."""
     lines = [line for line in message.splitlines() if line.strip()] or [message]
     if _launcher_rank() != 0:
-        for line in lines:
-            log.error("%s: error: %s", prog, line)
+        if logging.getLogger("dino_scale").handlers:  # set up: this rank's log file, if any
+            for line in lines:
+                log.error("%s: error: %s", prog, line)
         return
     for line in lines:
         print(f"{prog}: error: {line}", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ directory's room, the DeepSpeed settings vs the world size and the hardware."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -160,7 +161,7 @@ def check_weights(cfg: Config, report: Report, model: nn.Module, path: str, key:
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected) - {k for k in shapes if k.endswith("num_batches_tracked")})
     wrong = [f"{k} {shapes[k]} vs {expected[k]}" for k in sorted(set(expected) & set(shapes))
-             if shapes[k] != expected[k] and not (transfer and is_class_param(k))]
+             if shapes[k] != expected[k] and not is_class_param(k)]  # class rows: below
     if missing or unexpected or wrong:
         parts = [f"{label} {len(items)} ({', '.join(items[:2])}{' ...' if len(items) > 2 else ''})"
                  for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
@@ -168,7 +169,7 @@ def check_weights(cfg: Config, report: Report, model: nn.Module, path: str, key:
         report.fail(key, f"{path} does not fit this config's model: {'; '.join(parts)}; check --config "
                          "(model.backbone.name, model.num_feature_levels, ...) against the checkpoint")
         return
-    rows = shapes.get("class_embed.0.weight", (None,))[0]
+    rows = next((shape[0] for name, shape in shapes.items() if "class_embed" in name and name.endswith("bias")), None)
     want = cfg.model.num_classes
     if rows != want and not transfer:
         report.fail(key, f"{path} has {rows} class rows, the config's model.num_classes={want}: "
@@ -249,11 +250,16 @@ def check_output_dir(report: Report, directory: str, key: str, needed_bytes: int
 
 def check_deepspeed(cfg: Config, report: Report, world_size: int) -> None:
     ds = cfg.deepspeed
+    ds_log = logging.getLogger(build_deepspeed_config.__module__)
+    level = ds_log.level
+    ds_log.setLevel(logging.ERROR)  # its bf16 warning becomes this check's row
     try:
         config = build_deepspeed_config(cfg, world_size)
     except ValueError as exc:
         report.fail("deepspeed", str(exc))
         return
+    finally:
+        ds_log.setLevel(level)
     expected = ds.micro_batch_per_gpu * ds.gradient_accumulation_steps * world_size
     if config.get("train_batch_size") != expected:
         report.fail("deepspeed", f"deepspeed.extra sets train_batch_size={config.get('train_batch_size')}, but "
