@@ -9,8 +9,10 @@ An expected failure — a missing or unreadable file, input of the wrong format,
 credentials, an unreachable endpoint, a bad config value — prints `prog: error: <line>`
 (one line per problem) on stderr and returns 2. `--debug` on the command line or
 `DINO_DEBUG=1` in the environment re-raises instead, with the traceback. Under a launcher
-(RANK set) only rank 0 prints; other ranks log the line (their per-rank log file) and
-exit 2 quietly. Anything else is a bug and keeps its traceback.
+(RANK set) an error raised before the process group exists (config, preflight: the same
+on every rank) is printed by rank 0 only, other ranks exit 2 quietly; once the group
+exists a rank's own error (bad data on that rank) is printed by that rank, tagged
+`[rank N]`. Anything else is a bug and keeps its traceback.
 
 What counts as expected: `UserError` and its subclasses (`ConfigError`, `CheckpointError`,
 `BadDataError`, the preflight's report), file-system errors that name a file
@@ -113,13 +115,21 @@ def _launcher_rank() -> int:
 def report(prog: str, message: str) -> None:
     """Print `prog: error: <line>` for each line of `message` (rank 0 only; others log it)."""
     lines = [line for line in message.splitlines() if line.strip()] or [message]
-    if _launcher_rank() != 0:
+    rank = _launcher_rank()
+    if rank != 0 and not _process_group_exists():
         if logging.getLogger("dino_scale").handlers:  # set up: this rank's log file, if any
             for line in lines:
                 log.error("%s: error: %s", prog, line)
         return
+    tag = f"[rank {rank}] " if rank else ""
     for line in lines:
-        print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {tag}{line}", file=sys.stderr, flush=True)
+
+
+def _process_group_exists() -> bool:
+    """torch.distributed initialised in this process (looked up, never imported: a leaf)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def run_command(main: Callable[[list[str] | None], object], prog: str,

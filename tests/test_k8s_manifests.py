@@ -600,8 +600,10 @@ def test_training_commands_match_the_clis(overlay: str, stage: str, tmp_path: Pa
     """Every node's command: deepspeed's own parser accepts the launcher flags (with the
     node rank and master address each pod gets), the entry point's parser accepts the
     rest, the config (as mounted from the ConfigMap) loads with the overrides, and the
-    sizes agree with the resources and metrics ports."""
+    sizes agree with the resources and metrics ports; the preflight runs first with the
+    same arguments."""
     from dino_scale.config import load_config
+    from dino_scale.preflight.__main__ import build_parser as preflight_parser
 
     objs = build(overlay, stage)
     configmaps = {o["metadata"]["name"]: o for o in by_kind(objs, "ConfigMap")}
@@ -626,6 +628,13 @@ def test_training_commands_match_the_clis(overlay: str, stage: str, tmp_path: Pa
         seen_ranks.add(ds.node_rank)
         parser = entry_point_parser(ds.user_script)
         args = parser.parse_args(ds.user_args)
+        # the pod's first step: the preflight, same arguments, the job's world size
+        preflight = launcher.preflight_command(ds)
+        assert preflight is not None and preflight[1:3] == ["-m", "dino_scale.preflight"], run.where
+        checked = preflight_parser().parse_intermixed_args(preflight[3:])
+        assert checked.world_size == run.num_nodes * ds.num_gpus, run.where
+        assert (checked.config, checked.overrides, checked.pretrained) == (
+            args.config, args.overrides, getattr(args, "pretrained", None)), run.where
         config_path = Path(args.config)
         mount = next((m for m in mounts if str(config_path).startswith(m + "/")), None)
         assert mount is not None, f"{run.where}: --config {config_path} is not on a ConfigMap volume"
