@@ -243,3 +243,66 @@ def test_train_shards_may_name_the_manifest_itself(dataset):
                                  world_size=1, seed=0)
     assert len(by_dir) == len(by_file) == math.ceil(NUM_IMAGES / 5)
     assert image_ids(list(by_dir)) == image_ids(list(by_file))
+
+
+def _take(loader, batches: int) -> list[Batch]:
+    """The first `batches` batches; the loader counts a batch as delivered when it yields it."""
+    taken = []
+    if batches:
+        for batch in loader:
+            taken.append(batch)
+            if len(taken) == batches:
+                break
+    return taken
+
+
+def _layout_states(cfg, layout: tuple[int, int], reads: list[int], previous=None):
+    """Every rank of a (ranks, batch size) layout reads reads[r] batches (resuming from the
+    previous layout's states when given); returns (image ids read, the ranks' states)."""
+    world, batch_size = layout
+    ids, states = [], []
+    for rank in range(world):
+        loader = build_train_loader(cfg, batch_size=batch_size, rank=rank, world_size=world, seed=3, epoch=1)
+        if previous is not None:
+            loader.resume_from_ranks(previous)
+        ids += image_ids(_take(loader, reads[rank]) if reads[rank] >= 0 else list(loader))
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    return ids, states
+
+
+def test_elastic_resume_reads_the_rest_of_the_epoch_exactly_once(dataset):
+    """2 ranks x 2 workers -> 3 ranks x 1 worker (other batch size) -> 1 rank x 2 workers:
+    every image of the epoch exactly once, whatever was in the shuffle buffers."""
+    root, data, _ = dataset
+    shards = str(root / "shards")
+    ids_a, states = _layout_states(small_cfg(shards, num_workers=2), (2, 3), [2, 3])
+    ids_b, states = _layout_states(small_cfg(shards, num_workers=1), (3, 2), [1, 2, 0], states)
+    ids_c, _ = _layout_states(small_cfg(shards, num_workers=2), (1, 4), [-1], states)
+    assert len(ids_a) == 15 and len(ids_b) == 6
+    assert sorted(ids_a + ids_b + ids_c) == sorted(img["id"] for img in data["images"])
+    # the same layout change twice continues identically
+    again, _ = _layout_states(small_cfg(shards, num_workers=2), (1, 4), [-1], states)
+    assert again == ids_c
+
+
+def test_elastic_resume_in_resampled_mode_draws_the_remaining_count(dataset):
+    root, _, _ = dataset
+    cfg = small_cfg(str(root / "shards"), num_workers=2, mode="resampled", samples_per_epoch=30)
+    ids_a, states = _layout_states(cfg, (2, 3), [2, 1])
+    ids_b, _ = _layout_states(cfg, (1, 4), [-1], states)
+    ids_b2, _ = _layout_states(cfg, (1, 4), [-1], states)
+    assert len(ids_a) == 9 and len(ids_b) == 30 - 9 and ids_b == ids_b2
+
+
+def test_elastic_resume_of_a_coco_folder_and_refusals(dataset):
+    root, data, _ = dataset
+    cfg = small_cfg(None, train_coco_images=str(root / "src" / "images"),
+                    train_coco_annotations=str(root / "src" / "annotations.json"))
+    ids_a, states = _layout_states(cfg, (2, 3), [2, 4])
+    ids_b, _ = _layout_states(cfg, (1, 5), [-1], states)
+    assert sorted(ids_a + ids_b) == sorted(img["id"] for img in data["images"])
+    other_seed = build_train_loader(cfg, batch_size=5, rank=0, world_size=1, seed=4)
+    with pytest.raises(ValueError, match="seed"):
+        other_seed.resume_from_ranks(states)
+    with pytest.raises(ValueError, match="every rank"):
+        other_seed.resume_from_ranks(states[1:])

@@ -12,6 +12,11 @@ How the order survives a restart: every batch comes from one worker (DataLoader
 position. On resume each worker replays its shuffle order up to that position (index
 arithmetic, no reading) and the workers are rotated so that the first one to deliver is
 the one that was next.
+
+Elastic resume (`resume_from_ranks`): given the saved states of *every* rank of a run with
+another number of ranks, workers or batch size, the loader works out which global positions
+of the epoch those ranks had delivered and continues the epoch over the rest (a *plan*, see
+`dino_scale.data.stream`): within the epoch no sample is read twice and none is skipped.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from dino_scale.data.collate import Batch, collate
 from dino_scale.data.manifest import read_manifest, shard_root
 from dino_scale.data.samples import BadSample
 from dino_scale.data.shards import BadDataError, ShardStream, WorkerProgress, check_bad_fraction, rank_samples
-from dino_scale.data.stream import mix_seed, rank_range
+from dino_scale.data.stream import (
+    Ranges,
+    emitted_ranges,
+    mix_seed,
+    plan_length,
+    plan_slice,
+    rank_range,
+    rank_worker_plan,
+    subtract_ranges,
+)
 from dino_scale.data.transforms import build_train_transform
 from dino_scale.log import get_logger
 
@@ -50,6 +64,30 @@ class ResumableLoader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+
+class ElasticLoader(ResumableLoader, Protocol):
+    """A loader that can also continue an epoch from the states of all ranks of a run with
+    another layout (`TrainLoader`, `CocoTrainLoader`)."""
+
+    def resume_from_ranks(self, states: list[dict[str, Any]]) -> None: ...
+
+
+def _as_plan(raw: Any) -> Ranges | None:
+    return None if raw is None else [(int(a), int(b)) for a, b in raw]
+
+
+def _check_same_order(states: list[dict[str, Any]], now: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse states that describe another sample order (other data, seed or mode)."""
+    ranks = [s["check"]["rank"] for s in states]
+    if ranks != list(range(len(states))) or any(s["check"]["world_size"] != len(states) for s in states):
+        raise ValueError(f"elastic resume needs the loader states of every rank in rank order, got ranks {ranks}")
+    if len({s["epoch"] for s in states}) != 1:
+        raise ValueError(f"the ranks' loader states are in different epochs: {[s['epoch'] for s in states]}")
+    saved = states[0]["check"]
+    diff = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
+    if diff:
+        raise ValueError(f"the checkpoint's data order was made with other settings (saved, now): {diff}")
 
 
 class TrainLoader:
@@ -91,6 +129,7 @@ class TrainLoader:
         self.finished = False
         self.last_worker = -1
         self.workers = [WorkerProgress(w) for w in range(self.num_workers)]
+        self.plan: Ranges | None = None  # None: the whole epoch
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -101,7 +140,7 @@ class TrainLoader:
         return {
             "version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "finished": self.finished,
             "last_worker": self.last_worker, "workers": [w.as_dict() for w in self.workers],
-            "check": self._check(),
+            "plan": [list(r) for r in self.plan] if self.plan is not None else None, "check": self._check(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -113,6 +152,40 @@ class TrainLoader:
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self.finished, self.last_worker = bool(state["finished"]), int(state["last_worker"])
         self.workers = [WorkerProgress.from_dict(w) for w in state["workers"]]
+        self.plan = _as_plan(state.get("plan"))
+
+    ORDER_KEYS = ("mode", "seed", "samples_per_epoch", "total_samples", "num_shards")
+
+    def resume_from_ranks(self, states: list[dict[str, Any]]) -> None:
+        """Continue the epoch that `states` (every rank's `state_dict()`, in rank order, from
+        a run with any number of ranks/workers/batch size) describe: finite mode reads
+        exactly the samples none of those ranks had delivered; resampled mode draws the
+        epoch's remaining sample count from a stream keyed by the global position."""
+        _check_same_order(states, self._check(), self.ORDER_KEYS)
+        epoch = int(states[0]["epoch"])
+        self._start_epoch(epoch)
+        if all(s["finished"] for s in states):
+            self.finished = True
+            return
+        if self.cfg.mode == "finite":
+            taken: Ranges = []
+            for state in states:
+                old = state["check"]
+                plan = _as_plan(state.get("plan")) or [(0, self.total_samples)]
+                for w in state["workers"]:
+                    sequence = rank_worker_plan(plan, old["rank"], old["world_size"], int(w["worker"]),
+                                                old["num_workers"], old["batch_size"])
+                    seed = mix_seed("buffer", self.seed, epoch, old["rank"], int(w["worker"]))
+                    taken += emitted_ranges(sequence, old["shuffle_buffer"], seed, int(w["position"]))
+            self.plan = subtract_ranges(plan, taken)
+        else:
+            old = states[0]["check"]
+            plan = _as_plan(states[0].get("plan")) or [
+                (0, (self.cfg.samples_per_epoch // old["world_size"]) * old["world_size"])]
+            consumed = sum(int(w["valid"]) for state in states for w in state["workers"])
+            self.plan = [(min(plan[0][0] + consumed, plan[0][1]), plan[0][1])]
+        log.info("rank %d: epoch %d continues over %d samples not yet read by the %d ranks before",
+                 self.rank, epoch, plan_length(self.plan), len(states))
 
     def _check(self) -> dict[str, Any]:
         """Settings that define the sample order; a state only restores under the same ones."""
@@ -125,7 +198,8 @@ class TrainLoader:
 
     # -- sizes and stats -----------------------------------------------------------------
     def _len_for_rank(self, rank: int) -> int:
-        n = rank_samples(self.cfg.mode, self.total_samples, self.cfg.samples_per_epoch, rank, self.world_size)
+        n = rank_samples(self.cfg.mode, self.total_samples, self.cfg.samples_per_epoch, rank, self.world_size,
+                         self.plan)
         return math.ceil(n / self.batch_size)
 
     def __len__(self) -> int:
@@ -154,12 +228,12 @@ class TrainLoader:
             seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
             num_workers=self.num_workers, batch_size=self.batch_size,
             samples_per_rank=rank_samples(self.cfg.mode, self.total_samples, self.cfg.samples_per_epoch,
-                                          self.rank, self.world_size),
+                                          self.rank, self.world_size, self.plan),
             shuffle_buffer=self.cfg.shuffle_buffer, transform=self.transform,
             resume=[WorkerProgress.from_dict(w.as_dict()) for w in self.workers],
             worker_offset=(self.last_worker + 1) % self.num_workers,
             max_bad_fraction=self.cfg.max_bad_fraction,
-            min_samples_for_bad_fraction=self.cfg.min_samples_for_bad_fraction,
+            min_samples_for_bad_fraction=self.cfg.min_samples_for_bad_fraction, plan=self.plan,
         )
         for batch, progress in _data_loader(dataset, self.cfg, batch_size=None, collate_fn=_as_is):
             self.workers[progress.worker] = progress
@@ -218,6 +292,10 @@ class CocoTrainLoader:
     def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.batches, self.finished = epoch, 0, False
         self.read, self.reasons = 0, {}
+        self.plan: Ranges | None = None  # positions of the epoch's permutation still to read
+
+    def _plan(self) -> Ranges:
+        return self.plan if self.plan is not None else [(0, len(self.dataset))]
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -226,17 +304,18 @@ class CocoTrainLoader:
     def _rank_batches(self) -> list[list[int]]:
         order = list(range(len(self.dataset)))
         random.Random(mix_seed("coco", self.seed, self.epoch)).shuffle(order)
-        start, stop = rank_range(len(order), self.rank, self.world_size)
-        mine = order[start:stop]
+        plan = self._plan()
+        start, stop = rank_range(plan_length(plan), self.rank, self.world_size)
+        mine = [order[i] for a, b in plan_slice(plan, start, stop) for i in range(a, b)]
         return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
     def __len__(self) -> int:
-        start, stop = rank_range(len(self.dataset), self.rank, self.world_size)
+        start, stop = rank_range(plan_length(self._plan()), self.rank, self.world_size)
         return math.ceil((stop - start) / self.batch_size)
 
     @property
     def min_len_across_ranks(self) -> int:
-        n = len(self.dataset)
+        n = plan_length(self._plan())
         ranges = (rank_range(n, k, self.world_size) for k in range(self.world_size))
         return min(math.ceil((s - r) / self.batch_size) for r, s in ranges)
 
@@ -246,7 +325,8 @@ class CocoTrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "finished": self.finished,
-                "read": self.read, "reasons": dict(self.reasons), "check": self._check()}
+                "read": self.read, "reasons": dict(self.reasons),
+                "plan": [list(r) for r in self.plan] if self.plan is not None else None, "check": self._check()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION or state.get("check") != self._check():
@@ -254,6 +334,25 @@ class CocoTrainLoader:
                              f"now {self._check()}")
         self.epoch, self.batches, self.finished = int(state["epoch"]), int(state["batches"]), bool(state["finished"])
         self.read, self.reasons = int(state["read"]), {str(k): int(v) for k, v in state["reasons"].items()}
+        self.plan = _as_plan(state.get("plan"))
+
+    def resume_from_ranks(self, states: list[dict[str, Any]]) -> None:
+        """Continue the epoch of `states` (every rank's `state_dict()` of a run with another
+        number of ranks or batch size) over the permutation positions none of them delivered."""
+        _check_same_order(states, self._check(), ("source", "seed", "num_images"))
+        self._start_epoch(int(states[0]["epoch"]))
+        if all(s["finished"] for s in states):
+            self.finished = True
+            return
+        plan = _as_plan(states[0].get("plan")) or [(0, len(self.dataset))]
+        taken: Ranges = []
+        for state in states:
+            old = state["check"]
+            start, stop = rank_range(plan_length(plan), old["rank"], old["world_size"])
+            taken += plan_slice(plan, start, min(stop, start + int(state["batches"]) * old["batch_size"]))
+        self.plan = subtract_ranges(plan, taken)
+        log.info("rank %d: epoch %d continues over %d images not yet read by the %d ranks before",
+                 self.rank, self.epoch, plan_length(self.plan), len(states))
 
     def stats(self) -> dict[str, Any]:
         skipped = sum(self.reasons.values())

@@ -19,8 +19,10 @@ from dino_scale.data.samples import BadSample, augmentation_seed, decode_sample
 from dino_scale.data.storage import Storage
 from dino_scale.data.stream import (
     IndexShuffler,
+    Ranges,
     finite_segments,
     mix_seed,
+    plan_length,
     rank_range,
     read_segments,
     resampled_segments,
@@ -78,7 +80,7 @@ class ShardStream(IterableDataset):
         seed: int, epoch: int, rank: int, world_size: int, num_workers: int, batch_size: int,
         samples_per_rank: int, shuffle_buffer: int, transform: TrainTransform,
         resume: list[WorkerProgress] | None = None, worker_offset: int = 0,
-        max_bad_fraction: float = 0.01, min_samples_for_bad_fraction: int = 100,
+        max_bad_fraction: float = 0.01, min_samples_for_bad_fraction: int = 100, plan: Ranges | None = None,
     ) -> None:
         super().__init__()
         self.root, self.shards, self.storage_options = root, shards, storage_options
@@ -88,6 +90,7 @@ class ShardStream(IterableDataset):
         self.resume = resume or [WorkerProgress(w) for w in range(num_workers)]
         self.worker_offset = worker_offset
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples_for_bad_fraction
+        self.plan = plan  # the epoch's remaining global positions after an elastic resume (see stream.py)
 
     def __iter__(self) -> Iterator[tuple[Batch, WorkerProgress]]:
         info = get_worker_info()
@@ -103,10 +106,11 @@ class ShardStream(IterableDataset):
         progress = WorkerProgress.from_dict(self.resume[worker].as_dict())
         if self.mode == "finite":
             segments = finite_segments(self.shards, self.seed, self.epoch, self.rank, self.world_size,
-                                       worker, self.num_workers, self.batch_size)
+                                       worker, self.num_workers, self.batch_size, self.plan)
             total, quota = sum(len(s) for s in segments), None
         else:
-            segments = resampled_segments(self.shards, self.seed, self.epoch, self.rank, worker)
+            offset = self.plan[0][0] if self.plan else 0
+            segments = resampled_segments(self.shards, self.seed, self.epoch, self.rank, worker, offset)
             start, stop = worker_ranges(self.samples_per_rank, self.batch_size, self.num_workers)[worker]
             total, quota = None, stop - start
             if quota <= 0:
@@ -153,8 +157,13 @@ class ShardStream(IterableDataset):
             yield collate(samples), WorkerProgress.from_dict(progress.as_dict())
 
 
-def rank_samples(mode: str, total: int, samples_per_epoch: int | None, rank: int, world_size: int) -> int:
-    """Samples this rank reads per epoch (finite: its slice; resampled: epoch / world)."""
+def rank_samples(mode: str, total: int, samples_per_epoch: int | None, rank: int, world_size: int,
+                 plan: Ranges | None = None) -> int:
+    """Samples this rank reads per epoch (finite: its slice; resampled: epoch / world); with
+    an elastic-resume `plan`, its slice of the plan."""
+    if plan is not None:
+        start, stop = rank_range(plan_length(plan), rank, world_size)
+        return stop - start
     if mode == "finite":
         start, stop = rank_range(total, rank, world_size)
         return stop - start

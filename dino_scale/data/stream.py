@@ -8,7 +8,9 @@ before any byte is read:
   one global sequence; rank r takes the contiguous slice [N*r/R, N*(r+1)/R) and splits it
   among its workers in whole batches (worker w gets the batches w, w+W, ... by count), so
   every sample is read exactly once and each worker reads only a few whole shards plus at
-  most two partial ones.
+  most two partial ones. After a resume on a different number of ranks or workers the
+  epoch continues over a *plan*: the ranges of that global sequence not yet trained
+  (`unread_plan`), split the same way, so no sample of the epoch is read twice or skipped.
 - resampled mode: each (rank, worker) draws whole shards with replacement from its own
   RNG, endlessly; the epoch is a fixed number of valid samples.
 
@@ -88,24 +90,83 @@ def slice_segments(shards: list[tuple[str, int]], start: int, stop: int) -> list
     return segments
 
 
+Ranges = list[tuple[int, int]]  # sorted, disjoint [start, stop) ranges of global positions
+
+
+def plan_length(plan: Ranges) -> int:
+    return sum(stop - start for start, stop in plan)
+
+
+def plan_slice(plan: Ranges, start: int, stop: int) -> Ranges:
+    """The global ranges holding positions [start, stop) of the plan's concatenation."""
+    out, base = [], 0
+    for lo, hi in plan:
+        a, b = max(start, base), min(stop, base + hi - lo)
+        if a < b:
+            out.append((lo + a - base, lo + b - base))
+        base += hi - lo
+        if base >= stop:
+            break
+    return out
+
+
+def subtract_ranges(plan: Ranges, taken: Ranges) -> Ranges:
+    """`plan` without the positions in `taken` (both sorted-or-not lists of ranges)."""
+    out: Ranges = []
+    cuts = sorted(taken)
+    for lo, hi in plan:
+        pos = lo
+        for a, b in cuts:
+            if b <= pos or a >= hi:
+                continue
+            if a > pos:
+                out.append((pos, a))
+            pos = max(pos, b)
+        if pos < hi:
+            out.append((pos, hi))
+    return out
+
+
+def rank_worker_plan(plan: Ranges, rank: int, world_size: int, worker: int, num_workers: int,
+                     batch_size: int) -> Ranges:
+    """The global ranges (in order) that (rank, worker) reads from `plan`: rank r takes
+    the contiguous slice [M*r/R, M*(r+1)/R) of the plan's M positions, its workers whole
+    batches of that slice (`worker_ranges`)."""
+    r_start, r_stop = rank_range(plan_length(plan), rank, world_size)
+    w_start, w_stop = worker_ranges(r_stop - r_start, batch_size, num_workers)[worker]
+    return plan_slice(plan, r_start + w_start, r_start + w_stop)
+
+
 def finite_segments(
     shards: list[tuple[str, int]], seed: int, epoch: int, rank: int, world_size: int,
-    worker: int, num_workers: int, batch_size: int,
+    worker: int, num_workers: int, batch_size: int, plan: Ranges | None = None,
 ) -> list[Segment]:
+    """Segments (rank, worker) reads in finite mode; `plan` (default: the whole epoch)
+    restricts the epoch to some ranges of the shuffled shards' concatenation."""
     order = shuffled_shards(shards, seed, epoch)
-    total = sum(count for _, count in order)
-    r_start, r_stop = rank_range(total, rank, world_size)
-    w_start, w_stop = worker_ranges(r_stop - r_start, batch_size, num_workers)[worker]
-    return slice_segments(order, r_start + w_start, r_start + w_stop)
+    plan = plan if plan is not None else [(0, sum(count for _, count in order))]
+    mine = rank_worker_plan(plan, rank, world_size, worker, num_workers, batch_size)
+    return [segment for start, stop in mine for segment in slice_segments(order, start, stop)]
 
 
-def resampled_segments(shards: list[tuple[str, int]], seed: int, epoch: int, rank: int, worker: int
-                       ) -> Iterator[Segment]:
-    """Whole shards drawn uniformly with replacement, forever."""
+def emitted_ranges(sequence: Ranges, shuffle_buffer: int, seed: int, position: int) -> Ranges:
+    """Global positions a worker reading `sequence` through an `IndexShuffler(seed)` had
+    emitted after `position` samples: read inputs minus what still sat in the buffer."""
+    shuffler = IndexShuffler(plan_length(sequence), shuffle_buffer, seed)
+    shuffler.skip(position)
+    local = subtract_ranges([(0, shuffler.next_input)], [(i, i + 1) for i in shuffler.buffer])
+    return [r for start, stop in local for r in plan_slice(sequence, start, stop)]
+
+
+def resampled_segments(shards: list[tuple[str, int]], seed: int, epoch: int, rank: int, worker: int,
+                       offset: int = 0) -> Iterator[Segment]:
+    """Whole shards drawn uniformly with replacement, forever. `offset` > 0 (the epoch's
+    global sample count at an elastic resume) starts a stream keyed by that position."""
     order = sorted(s for s in shards if s[1] > 0)
     if not order:
         raise ValueError("no non-empty shards to resample from")
-    rng = random.Random(mix_seed("resample", seed, epoch, rank, worker))
+    key = ("resample", seed, epoch, rank, worker) + ((offset,) if offset else ())
+    rng = random.Random(mix_seed(*key))
     draw = 0
     while True:
         name, count = order[rng.randrange(len(order))]
