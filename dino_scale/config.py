@@ -216,6 +216,9 @@ class TrainConfig:
     pretrained_categories: str | None = None
     # resume automatically from the latest complete checkpoint in paths.output_dir
     auto_resume: bool = True
+    # a resume whose global batch (micro x accumulation x ranks) differs from the checkpoint's
+    # is refused unless true; then the LR schedule and max_steps follow samples, not steps
+    allow_global_batch_change: bool = False
     # write <output_dir>/export/model.safetensors (consolidated fp32) at the end
     export_at_end: bool = True
     # evaluate at the end of training (needs data.val_images/val_annotations)

@@ -14,7 +14,14 @@ One optimizer step = `gradient_accumulation_steps` micro-batches per rank. Per m
    fp32/bf16, so there the trainer checks the reduced gradients before `engine.step`.
 
 Checkpoints every `train.checkpoint_every_steps` optimizer steps, on SIGTERM, and at the
-end; a run resumes by itself from the latest complete one in the checkpoint directory.
+end; a run resumes by itself from the latest complete one in the checkpoint directory, on
+any number of ranks (elastic resume): weights and optimizer state are re-partitioned
+(`checkpoint.CheckpointManager.load`), and the loader continues the epoch from the position
+every rank had *trained* (the state after the last completed optimizer step, not what was
+prefetched or fetched since). The global sample count is the truth: the schedule counts
+optimizer steps of the run's first global batch (`schedule_steps` advances by
+global batch / first global batch per step, i.e. by 1 while it is unchanged); a resume
+that changes the global batch is refused unless `train.allow_global_batch_change`.
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ from dino_scale.engine import distributed as dist_utils
 from dino_scale.engine.batching import outputs_to_float
 from dino_scale.engine.checkpoint import (
     CheckpointManager,
+    IncompatibleCheckpointError,
+    ResumeSource,
     capture_rng_state,
+    check_compatible,
     latest_complete,
     restore_rng_state,
     tag_for_step,
@@ -122,8 +132,13 @@ class Trainer:
         self.consecutive_skipped = 0
         self.best_ap: float | None = None
         self.last_eval: dict[str, float] | None = None
-        self.images_seen = 0
+        self.images_seen = 0  # over all ranks
         self.train_seconds = 0.0
+        self.global_batch = 0  # micro x accumulation x ranks, set in _build
+        self.schedule_batch = 0  # the global batch of the run's first start: the schedule's unit
+        self.schedule_steps = 0.0  # optimizer steps of schedule_batch samples trained so far
+        self.resume_source: ResumeSource | None = None
+        self._trained_position: dict[str, Any] | None = None  # loader state after the last finished step
         self._loader: ResumableLoader | None = None
         self._loader_epoch = -1
         self._iterator: Any = None
@@ -150,6 +165,10 @@ class Trainer:
         if comp.categories is None:
             comp.categories = dataset_categories(cfg.data)
         model = comp.model.to(self.device)
+        self.global_batch = self.schedule_batch = self.micro_batch * self.accum * self.world
+        self.resume_source = self.checkpoints.resume_source() if cfg.train.auto_resume else None
+        if self.resume_source is not None:
+            check_compatible(self.resume_source.directory, config_to_dict(cfg))
         if cfg.train.pretrained and latest_complete(self.checkpoint_root) is None:
             self.transfer_report = load_pretrained(
                 model, cfg.train.pretrained, target_categories=comp.categories,
@@ -161,6 +180,8 @@ class Trainer:
         self.param_groups = build_param_groups(model, cfg.optim)
         self.optimizer = build_optimizer(self.param_groups, cfg.optim)
         self.ds_config = build_deepspeed_config(cfg, self.world)
+        if self.resume_source is not None and self.resume_source.universal:
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         if cfg.deepspeed.zero_stage == 3:
             prepare_for_zero3(model)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -193,14 +214,13 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "skipped_total": self.skipped_total,
             "consecutive_skipped": self.consecutive_skipped, "best_ap": self.best_ap,
             "images_seen": self.images_seen, "train_seconds": self.train_seconds,
-            "config": config_to_dict(self.cfg),
+            "global_batch": self.global_batch, "schedule_batch": self.schedule_batch,
+            "schedule_steps": self.schedule_steps, "config": config_to_dict(self.cfg),
         }
 
     def save_checkpoint(self) -> Path:
         started = time.perf_counter()
-        loader = self._loader
-        rank_state = {"rng": capture_rng_state(),
-                      "loader": loader.state_dict() if loader is not None else None,
+        rank_state = {"rng": capture_rng_state(), "loader": self._trained_position,
                       "loader_epoch": self._loader_epoch}
         directory = self.checkpoints.save(self.engine, self.step, self._client_state(), rank_state)
         seconds = time.perf_counter() - started
@@ -215,29 +235,63 @@ class Trainer:
             return found[1]
         return self.save_checkpoint()
 
-    def _resume(self) -> dict[str, Any] | None:
-        if not self.cfg.train.auto_resume:
+    def _resume(self) -> list[dict[str, Any]] | dict[str, Any] | None:
+        """Restore from `self.resume_source`; returns this rank's saved state (same number of
+        ranks), every saved rank's state (another number), or None."""
+        source = self.resume_source
+        if source is None:
             return None
-        found = latest_complete(self.checkpoint_root)
-        if found is None:
-            return None
-        _, directory = found
-        client, rank_state = self.checkpoints.load(self.engine, directory)
+        restored = self.checkpoints.load(self.engine, source)
+        client = restored.client_state
+        self._check_global_batch(client, restored.saved_world)
         for key in ("step", "epoch", "skipped_total", "consecutive_skipped", "best_ap",
-                    "images_seen", "train_seconds"):
+                    "images_seen", "train_seconds", "schedule_batch", "schedule_steps"):
             if key in client:
                 setattr(self, key, client[key])
-        if rank_state is not None:
-            restore_rng_state(rank_state["rng"])
-        log.info("resumed from %s: step %d, epoch %d", directory, self.step, self.epoch)
-        return rank_state
+        if "schedule_steps" not in client:  # a checkpoint from before the schedule followed samples
+            self.schedule_steps = float(self.step)
+        log.info("resumed from %s: step %d, epoch %d, %d images trained", source.directory, self.step,
+                 self.epoch, self.images_seen)
+        if restored.rank_state is not None:
+            restore_rng_state(restored.rank_state["rng"])
+            return restored.rank_state
+        if restored.all_rank_states is None:
+            return None
+        states = restored.all_rank_states
+        if self.rank < len(states):
+            restore_rng_state(states[self.rank]["rng"])
+        else:  # a rank the checkpoint did not have: its own stream, the same on every such resume
+            dist_utils.seed_everything(self.cfg.train.seed + 7919 * self.rank + self.step)
+        return states
+
+    def _check_global_batch(self, client: dict[str, Any], saved_world: int) -> None:
+        saved = int(client.get("global_batch") or self.global_batch)
+        if saved == self.global_batch:
+            return
+        if not self.cfg.train.allow_global_batch_change:
+            per_rank = saved / (self.world * self.micro_batch)
+            hint = (f"deepspeed.gradient_accumulation_steps={int(per_rank)}" if per_rank == int(per_rank)
+                    else f"deepspeed.micro_batch_per_gpu x gradient_accumulation_steps = {saved / self.world:g}")
+            raise IncompatibleCheckpointError(
+                f"the checkpoint was trained with a global batch of {saved} ({saved_world} ranks); this run's is "
+                f"{self.global_batch} ({self.world} ranks x {self.micro_batch} x {self.accum} accumulation): "
+                f"keep it with {hint}, or set train.allow_global_batch_change=true (the schedule then follows samples)"
+            )
+        log.warning("global batch %d -> %d (train.allow_global_batch_change): the LR schedule and max_steps "
+                    "follow samples, in steps of %s images", saved, self.global_batch,
+                    client.get("schedule_batch", saved))
 
     # ---------------------------------------------------------------- loop
+
+    def _schedule_step(self) -> int:
+        """Optimizer steps of the first global batch trained so far (= self.step unless the
+        global batch changed)."""
+        return int(self.schedule_steps + 1e-6)
 
     def _done(self) -> bool:
         max_steps = self.cfg.optim.max_steps
         if max_steps is not None:
-            return self.step >= max_steps
+            return self._schedule_step() >= max_steps
         return self.epoch >= self.cfg.optim.epochs
 
     def setup(self) -> None:
@@ -262,16 +316,15 @@ class Trainer:
             self.metrics.shutdown()
 
     def _run(self) -> TrainResult:
-        rank_state = self._resume()
+        saved = self._resume()
         preempted = False
         while not self._done():
             loader = self.components.train_loader(self.epoch)
             loader.set_epoch(self.epoch)
-            if rank_state is not None and rank_state.get("loader") is not None \
-                    and rank_state.get("loader_epoch") == self.epoch:
-                loader.load_state_dict(rank_state["loader"])
+            self._restore_position(loader, saved)
             self._loader, self._loader_epoch = loader, self.epoch
-            rank_state = None
+            self._trained_position = loader.state_dict()
+            saved = None
             self.metrics.epoch.set(self.epoch)
             try:
                 outcome = self._train_epoch(loader)
@@ -295,6 +348,24 @@ class Trainer:
         export_path = self.export() if self.cfg.train.export_at_end else None
         return self._result(preempted=False, export_path=export_path)
 
+    def _restore_position(self, loader: ResumableLoader,
+                          saved: list[dict[str, Any]] | dict[str, Any] | None) -> None:
+        """This epoch's position from the checkpoint: this rank's own (same number of ranks)
+        or the one continuing what every saved rank had trained (another number)."""
+        if isinstance(saved, dict):
+            if saved.get("loader") is not None and saved.get("loader_epoch") == self.epoch:
+                loader.load_state_dict(saved["loader"])
+            return
+        if not saved:
+            return
+        if {s.get("loader_epoch") for s in saved} != {self.epoch} or any(s.get("loader") is None for s in saved):
+            return  # the checkpoint was taken at an epoch's end: this epoch starts afresh
+        resume_from_ranks = getattr(loader, "resume_from_ranks", None)
+        if resume_from_ranks is None:
+            raise IncompatibleCheckpointError(
+                f"{type(loader).__name__} cannot continue an epoch on another number of ranks (no resume_from_ranks)")
+        resume_from_ranks([s["loader"] for s in saved])
+
     def _train_epoch(self, loader: ResumableLoader) -> str:
         """Returns "epoch_end", "done" (step budget reached) or "preempted"."""
         cfg = self.cfg
@@ -315,8 +386,9 @@ class Trainer:
                         raise
             data_wait = time.perf_counter() - tick
             stop_requested = self.preemption.poll()
-            exhausted, stop = dist_utils.all_reduce_sum(
-                [float(batch is None and not stop_requested), float(stop_requested)],
+            exhausted, stop, images_all_ranks = dist_utils.all_reduce_sum(
+                [float(batch is None and not stop_requested), float(stop_requested),
+                 float(len(batch.targets)) if batch is not None else 0.0],
                 self.device,
             )
             if stop > 0:
@@ -329,29 +401,31 @@ class Trainer:
             images, masks, targets = batch.images, batch.masks, batch.targets
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
-                apply_lr(self.optimizer, lr_factor(cfg.optim, self.step, self.epoch))
+                apply_lr(self.optimizer, lr_factor(cfg.optim, self._schedule_step(), self.epoch))
             outputs = engine(images, masks, targets)
             losses = self.components.criterion(outputs_to_float(outputs), targets)
             loss = losses["loss"]
             (nonfinite,) = dist_utils.all_reduce_sum([float(not torch.isfinite(loss).item())], self.device)
             if nonfinite > 0:
-                self._skip(f"non-finite loss on {int(nonfinite)} rank(s)")
+                self._skip(f"non-finite loss on {int(nonfinite)} rank(s)", loader)
                 continue
             engine.backward(loss)
             if boundary and self.cfg.deepspeed.zero_stage == 0 and not self._gradients_finite():
-                self._skip("non-finite gradients")
+                self._skip("non-finite gradients", loader)
                 continue
             engine.step()
             step_seconds = time.perf_counter() - tick
-            self.images_seen += images.shape[0]
+            self.images_seen += int(images_all_ranks)
             self.train_seconds += step_seconds
             if not boundary:
                 continue
             if not engine.was_step_applied():
-                self._skip("DeepSpeed refused the step (non-finite gradients)")
+                self._skip("DeepSpeed refused the step (non-finite gradients)", loader)
                 continue
+            self._trained_position = loader.state_dict()
             self.consecutive_skipped = 0
             self.step += 1
+            self.schedule_steps += self.global_batch / self.schedule_batch
             self.metrics.observe_data(loader.stats())
             self._log_step(losses, step_seconds, data_wait, images.shape[0])
             self.metrics.steps.inc()  # last: a scrape that sees the step sees all its metrics
@@ -377,7 +451,8 @@ class Trainer:
         (nonfinite,) = dist_utils.all_reduce_sum([float(not finite)], self.device)
         return nonfinite == 0
 
-    def _skip(self, why: str) -> None:
+    def _skip(self, why: str, loader: ResumableLoader) -> None:
+        self._trained_position = loader.state_dict()  # read and given up on: not to be read again
         self.skipped_total += 1
         self.consecutive_skipped += 1
         self.metrics.skipped_steps.inc()
@@ -402,7 +477,7 @@ class Trainer:
                                   step_seconds=step_seconds, data_wait_seconds=data_wait)
         if self.rank != 0:
             return
-        record = {"step": self.step, "epoch": self.epoch, "loss": terms["loss"],
+        record = {"step": self.step, "epoch": self.epoch, "images": self.images_seen, "loss": terms["loss"],
                   "terms": terms, "lr": lrs, "grad_norm": grad_norm,
                   "step_seconds": step_seconds, "data_wait_seconds": data_wait,
                   "images_per_second": images * self.world / step_seconds if step_seconds else None}
@@ -463,8 +538,7 @@ class Trainer:
         )
         if self.rank == 0:
             summary = dict(result.__dict__)
-            images_all = self.images_seen * self.world
-            summary["images_per_second"] = images_all / self.train_seconds if self.train_seconds else None
+            summary["images_per_second"] = self.images_seen / self.train_seconds if self.train_seconds else None
             atomic_write_text(self.output_dir / "train_summary.json", json.dumps(summary, indent=2))
         return result
 
