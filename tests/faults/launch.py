@@ -40,8 +40,8 @@ class Run:
 
 def launch(args: list[str], record_dir: Path, log_path: Path, faults: dict[str, Any] | None = None,
            during: Callable[[subprocess.Popen], None] | None = None, timeout: float = 300,
-           pod: bool = False, config: str | Path = "configs/demo/pretrain.yaml") -> Run:
-    """Run the driver with `args` on 2 ranks; `during(proc)` runs while it is alive (it may
+           pod: bool = False, config: str | Path = "configs/demo/pretrain.yaml", num_gpus: int = 2) -> Run:
+    """Run the driver with `args` on `num_gpus` ranks; `during(proc)` runs while it is alive (it may
     kill or signal it). The whole process group is killed on timeout or test failure.
 
     `pod=True` starts it as a training pod does: `k8s/scripts/deepspeed_node.py` (PID 1 of
@@ -50,7 +50,7 @@ def launch(args: list[str], record_dir: Path, log_path: Path, faults: dict[str, 
     record_dir.mkdir(parents=True, exist_ok=True)
     e = env()
     e["DINO_FAULTS"] = json.dumps({**(faults or {}), "record_dir": str(record_dir)})
-    launcher = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())]
+    launcher = [DEEPSPEED, "--num_gpus", str(num_gpus), "--master_port", str(free_port())]
     if pod:
         launcher = [sys.executable, "k8s/scripts/deepspeed_node.py", *launcher, "--no_ssh", "--num_nodes", "1",
                     "--node_rank", "0", "--master_addr", "127.0.0.1", "--hostfile", str(record_dir / "hostfile")]

@@ -4,10 +4,10 @@ DeepSpeed launcher in place of `launch/pretrain_o365.py`, with the same argument
 The faults are monkeypatches installed in the rank process before training starts, so
 the library carries no test hooks. `DINO_FAULTS` (JSON) selects them; every key is optional:
 
-- `"record_dir"`: write `rank<r>.pid` at start and, when the trainer shuts its metrics down,
-  `rank<r>.metrics.prom` (the rank's Prometheus registry, text format) and
-  `rank<r>.criterion.jsonl` (per criterion call: loss finite?, injected?, image ids, digests
-  of the parameters and of the torch RNG state, all parameters finite?).
+- `"record_dir"`: write `rank<r>.pid` at start, `rank<r>.criterion.jsonl` as training goes
+  (one line appended per criterion call: loss finite?, injected?, image ids, digests of the
+  parameters and of the torch RNG state, all parameters finite?) and, when the trainer shuts
+  its metrics down, `rank<r>.metrics.prom` (the rank's Prometheus registry, text format).
 - `"enospc_in_save": {"step": N, "rank": r}`: DeepSpeed's `torch.save` of checkpoint
   `step_N` on rank r writes half of the file, then fails with ENOSPC (disk full).
 - `"kill_in_save": {"step": N, "rank": r}`: rank r SIGKILLs itself while saving `step_N`,
@@ -120,7 +120,7 @@ def _install_criterion_faults() -> None:
                     losses = {**losses, "loss": losses["loss"] * float("nan")}
                 if "model" in captured and _record_dir() is not None:
                     digest, finite = _digest(captured["model"])
-                    _RECORDS.append({"call": call, "injected": injected, "params_sha256": digest,
+                    _record({"call": call, "injected": injected, "params_sha256": digest,
                                      "image_ids": [int(t["image_id"]) for t in targets],
                                      "rng_sha256": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
                                     "params_finite": finite,
@@ -132,7 +132,10 @@ def _install_criterion_faults() -> None:
     models.build_dino, models.build_criterion = capturing_build_dino, faulty_build_criterion
 
 
-_RECORDS: list[dict] = []  # one per criterion call of this process
+def _record(entry: dict) -> None:
+    """Append one criterion call's record at once: a rank killed later keeps what it did."""
+    with open(_record_dir() / f"rank{RANK}.criterion.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def _install_recording() -> None:
@@ -152,9 +155,6 @@ def _install_recording() -> None:
             (directory / f"rank{RANK}.metrics.prom").write_bytes(generate_latest(self.registry))
             (directory / f"rank{RANK}.metrics_bind.json").write_text(
                 json.dumps(list(self._server.server_address)[:2]))
-        with open(directory / f"rank{RANK}.criterion.jsonl", "w") as f:
-            for record in _RECORDS:
-                f.write(json.dumps(record) + "\n")
         return shutdown(self)
 
     TrainingMetrics.shutdown = recording_shutdown
