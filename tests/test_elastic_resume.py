@@ -6,11 +6,13 @@ restarted on the one rank left.
 
 Checked: every image of the epoch is trained exactly once over the chain (by image id, from
 what each rank's criterion saw, counting only the steps a checkpoint kept); the resumes log
-what they re-partitioned; ZeRO-2 weights are bit-identical across each re-partition; the
-steps before the first resume are bit-identical to an uninterrupted 2-rank run (the same
-reference serves both stages: fp32 losses are identical across ZeRO stages), and the
-steps after it stay within LOSS_TOLERANCE of it (see the README: another layout pairs other
-images in a micro-batch, normalises by another box count and draws other denoising noise).
+what they re-partitioned; ZeRO-2 weights are bit-identical across each re-partition (every
+rank holds them whole; under ZeRO-3 a rank holds a shard only); the steps before the first
+resume equal an uninterrupted 2-rank ZeRO-2 run (bit-identical under ZeRO-2, within 1e-6
+under ZeRO-3: another reduction order), and the mean logged loss of the steps after it is
+within LOSS_TOLERANCE of the uninterrupted run's. Not closer: the logged loss is rank 0's,
+over other images once the layout changed (ranks read contiguous slices of the epoch), and
+each micro-batch is normalised by its own box count and draws its own denoising noise.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from launch_helpers import small_overrides, tiny_demo_data
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 STEPS_PER_EPOCH = 12  # 48 images, global batch 4
-LOSS_TOLERANCE = 0.5  # mean relative difference of the logged losses after the first resume
+LOSS_TOLERANCE = 0.2  # relative difference of the mean logged loss of steps 5-12
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +142,12 @@ def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, stage, 
 
     logged, ref = _logged(out), reference["losses"]
     assert sorted(logged) == list(range(1, STEPS_PER_EPOCH + 1))
-    assert all(logged[s] == ref[s] for s in range(1, 5))  # the same layout: bit-identical
-    after = [abs(logged[s] - ref[s]) / abs(ref[s]) for s in range(5, STEPS_PER_EPOCH + 1)]
-    mean_diff = sum(after) / len(after)
-    assert mean_diff < LOSS_TOLERANCE, after
+    before = max(abs(logged[s] - ref[s]) / ref[s] for s in range(1, 5))
+    assert before == 0 if stage == 2 else before < 1e-6, before
+    tail = range(5, STEPS_PER_EPOCH + 1)
+    after = [abs(logged[s] - ref[s]) / abs(ref[s]) for s in tail]
+    mean_diff = abs(sum(logged[s] for s in tail) - sum(ref[s] for s in tail)) / sum(ref[s] for s in tail)
+    assert mean_diff < LOSS_TOLERANCE, (mean_diff, after)
 
     if stage == 2:  # every rank holds the full weights: compare them across each re-partition
         first_after_resume = run2.criterion_records(0)[0]["params_sha256"]
@@ -151,8 +155,9 @@ def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, stage, 
         exported = export_checkpoint(checkpoints, "step_8", stage, tmp_path / "step_8.safetensors")
         assert run3.criterion_records(0)[0]["params_sha256"] == _weights_digest(exported)
         assert torch.isfinite(torch.tensor(list(logged.values()))).all()
-    print(f"ZeRO-{stage}: {len(seen)} images, loss relative difference after the first resume: "
-          f"mean {mean_diff:.4f}, max {max(after):.4f}")
+    print(f"ZeRO-{stage}: {len(seen)} images once; steps 1-4 max relative loss difference {before:.1e}; "
+          f"steps 5-12: mean loss {mean_diff:.4f} relative, per step up to {max(after):.4f}")
     record(f"elastic_zero{stage}", faults_injected=int(stage == 2), samples_checked=len(seen),
-           data_lost=len(twice) + len(missed), loss_mean_relative_diff_after_resume=round(mean_diff, 4),
-           loss_max_relative_diff_after_resume=round(max(after), 4), **outcome)
+           data_lost=len(twice) + len(missed), loss_relative_diff_before_resume=before,
+           mean_loss_relative_diff_after_resume=round(mean_diff, 4),
+           step_loss_max_relative_diff_after_resume=round(max(after), 4), **outcome)
