@@ -987,3 +987,32 @@ def test_jobset_and_trainer_runtime_pods_agree() -> None:
             return spec
 
         assert comparable(runtime_run) == comparable(jobset_run), overlay
+
+
+def test_resize_overlay_resumes_the_same_run_on_fewer_nodes_with_the_same_global_batch(tmp_path: Path) -> None:
+    """gpu-cluster/pretrain-resize (docs/cluster.md, "Changing the number of nodes"): the
+    same TrainJob and output directory (so it resumes the same checkpoints) on half the
+    nodes, with the global batch kept by gradient accumulation."""
+    from dino_scale.config import load_config
+
+    runs = {}
+    for stage in ("pretrain", "pretrain-resize"):
+        objs = build("gpu-cluster", stage)
+        for job in by_kind(objs, "TrainJob"):
+            assert not validate_custom(job), validate_custom(job)[:20]
+        configmaps = {o["metadata"]["name"]: o for o in by_kind(objs, "ConfigMap")}
+        (run,) = training_runs(objs)
+        argv = [expand(a, run.node_envs[-1]) for a in run.container["args"]]
+        ds = node_launcher().check_command(argv)
+        args = entry_point_parser(ds.user_script).parse_args(ds.user_args)
+        mounts = mounted_configs(run.template, configmaps, tmp_path / stage)
+        mount = next(m for m in mounts if args.config.startswith(m + "/"))
+        cfg = load_config(mounts[mount] / Path(args.config).relative_to(mount), args.overrides)
+        ranks = ds.num_nodes * ds.num_gpus
+        global_batch = ranks * cfg.deepspeed.micro_batch_per_gpu * cfg.deepspeed.gradient_accumulation_steps
+        runs[stage] = {"where": run.where, "nodes": ds.num_nodes, "ranks": ranks, "global_batch": global_batch,
+                       "output_dir": cfg.paths.output_dir, "allow_change": cfg.train.allow_global_batch_change}
+    base, resized = runs["pretrain"], runs["pretrain-resize"]
+    assert (base["nodes"], resized["nodes"]) == (8, 4)
+    assert resized["where"] == base["where"] and resized["output_dir"] == base["output_dir"]
+    assert resized["global_batch"] == base["global_batch"] and not resized["allow_change"]
