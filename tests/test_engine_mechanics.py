@@ -179,3 +179,20 @@ def test_real_dino_trains_identically_under_zero2_and_zero3(tmp_path):
     for step in (1, 2, 3):
         assert losses[3][step] == pytest.approx(losses[2][step], rel=1e-5)
     assert losses[2][3] != losses[2][1]
+
+
+def test_global_batch_change_is_refused_unless_allowed_then_the_schedule_counts_samples(tmp_path):
+    from dino_scale.engine.checkpoint import IncompatibleCheckpointError
+
+    common = ["train.export_at_end=false", "optim.lr_schedule_by=step"]
+    train(_cfg(tmp_path, "optim.max_steps=2", *common), _components())
+    with pytest.raises(IncompatibleCheckpointError, match="global batch of 2 .* this run's is 4") as err:
+        train(_cfg(tmp_path, "optim.max_steps=4", "deepspeed.gradient_accumulation_steps=2", *common),
+              _components())
+    assert "deepspeed.gradient_accumulation_steps=1" in str(err.value)
+    # allowed: each step of 4 images counts as 2 steps of the first global batch (2)
+    result = train(_cfg(tmp_path, "optim.max_steps=4", "deepspeed.gradient_accumulation_steps=2",
+                        "train.allow_global_batch_change=true", *common), _components())
+    assert result.step == 3 and result.images == 2 * 2 + 4  # max_steps=4 reached in samples after 1 step
+    with pytest.raises(IncompatibleCheckpointError, match=r"model.num_queries: checkpoint 900, now 7"):
+        train(_cfg(tmp_path, "optim.max_steps=6", "model.num_queries=7", *common), _components())
