@@ -24,7 +24,7 @@ import infer as infer_script
 import pretrain_o365
 from data_pipeline import build_shards
 from dino_scale import checkpoint_convert
-from dino_scale.config import load_config
+from dino_scale.config import config_to_dict, load_config
 from dino_scale.engine.distributed import free_port
 from dino_scale.errors import run_command, user_message
 from dino_scale.log import setup_logging
@@ -292,3 +292,29 @@ def test_readme_commands_as_processes(tmp_path: Path) -> None:
     (line,) = error_lines(proc)
     assert f"--checkpoint: weights {tmp_path}/missing.safetensors does not exist" in line
     assert os.path.exists(image)
+
+
+def test_a_resume_checkpoint_of_another_model_or_global_batch_is_named(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = load_config(DEMO_CONFIG, cfg_overrides(out))
+    step = out / "checkpoints" / "step_10"
+    step.mkdir(parents=True)
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (step / "COMPLETE").write_text(json.dumps({"step": 10, "world_size": 2, "zero_stage": 2}))
+    saved = json.loads(json.dumps(config_to_dict(cfg)))
+    (step / "config.json").write_text(json.dumps(saved))
+
+    def resume_line(config, world_size: int) -> str:
+        report = run_preflight(config, Plan(resume=True), world_size=world_size)
+        return next(line for line in report.problems + report.table().splitlines() if "step_10" in line)
+
+    assert "written by 2 ranks, this run has 1" in resume_line(
+        load_config(DEMO_CONFIG, [*cfg_overrides(out), "deepspeed.gradient_accumulation_steps=2"]), 1)
+    assert "global batch of 8 (2 ranks), this run's is 4" in resume_line(cfg, 1)
+    saved["model"]["num_queries"] += 1
+    (step / "config.json").write_text(json.dumps(saved))
+    assert "model.num_queries: checkpoint" in resume_line(cfg, 2)
+
+
+def cfg_overrides(out: Path) -> list[str]:
+    return ["data.val_images=null", "data.val_annotations=null", f"paths.output_dir={out}"]

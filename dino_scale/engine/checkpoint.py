@@ -49,6 +49,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from dino_scale.engine import distributed as dist_utils
+from dino_scale.errors import UserError
 from dino_scale.io import atomic_write_text, atomic_write_with
 from dino_scale.log import get_logger
 
@@ -177,7 +178,7 @@ def _unpickler_reason(exc: Exception) -> str:
     return next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")[:300]
 
 
-class IncompatibleCheckpointError(RuntimeError):
+class IncompatibleCheckpointError(UserError):
     """The checkpoint was written for another model or training setup; the message says what differs."""
 
 

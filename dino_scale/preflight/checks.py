@@ -15,10 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino_scale.config import Config
+from dino_scale.config import Config, config_to_dict
 from dino_scale.data.categories import read_categories
 from dino_scale.data.manifest import MANIFEST_NAME, read_manifest, shard_root
-from dino_scale.engine.checkpoint import latest_complete, read_complete_marker
+from dino_scale.engine.checkpoint import (
+    CONFIG_FILE,
+    IncompatibleCheckpointError,
+    check_compatible,
+    latest_complete,
+    read_complete_marker,
+)
 from dino_scale.engine.ds_config import build_deepspeed_config
 from dino_scale.hardware import cpu_features_line, cpu_has_native_bf16
 from dino_scale.models import build_dino
@@ -218,12 +224,32 @@ def check_resume(cfg: Config, report: Report, world_size: int, required: bool) -
     except (OSError, ValueError) as exc:
         report.fail("resume", f"{directory}/COMPLETE is unreadable ({exc})")
         return True
-    if saved_world != world_size:
-        report.warn("resume", f"{directory} (step {step}) was written by {saved_world} ranks, this run has "
-                              f"{world_size}: only the weights are restored")
+    try:
+        check_compatible(directory, config_to_dict(cfg))
+    except IncompatibleCheckpointError as exc:
+        report.fail("resume", str(exc))
+        return True
+    saved_batch = _saved_global_batch(directory, saved_world)
+    batch = world_size * cfg.deepspeed.micro_batch_per_gpu * cfg.deepspeed.gradient_accumulation_steps
+    if saved_batch is not None and saved_batch != batch and not cfg.train.allow_global_batch_change:
+        report.fail("resume", f"{directory} was trained with a global batch of {saved_batch} ({saved_world} ranks), "
+                              f"this run's is {batch}: set deepspeed.gradient_accumulation_steps or "
+                              "deepspeed.micro_batch_per_gpu to keep it, or train.allow_global_batch_change=true")
+    elif saved_world != world_size:
+        report.ok("resume", f"{directory} (step {step}) was written by {saved_world} ranks, this run has "
+                            f"{world_size}: weights, optimizer state and data position are re-partitioned")
     else:
         report.ok("resume", f"{directory} (step {step}, {saved_world} ranks)")
     return True
+
+
+def _saved_global_batch(directory: Path, saved_world: int | None) -> int | None:
+    """The global batch of the run that wrote `directory`, from its config.json (None if unknown)."""
+    try:
+        ds = json.loads((directory / CONFIG_FILE).read_text())["deepspeed"]
+        return int(saved_world) * int(ds["micro_batch_per_gpu"]) * int(ds.get("gradient_accumulation_steps", 1))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------
