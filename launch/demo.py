@@ -52,6 +52,14 @@ def _env(num_ranks: int) -> dict[str, str]:
     return env
 
 
+
+def _training_command(deepspeed: str, ranks: int, script: str, config: str, epochs: int | None,
+                      arguments: list[str]) -> list[str]:
+    """`deepspeed` running launch/`script` with configs/demo/`config` on `ranks` CPU ranks."""
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), f"launch/{script}",
+           "--config", f"configs/demo/{config}", *arguments]
+    return cmd + ([f"optim.epochs={epochs}"] if epochs is not None else [])
+
 def _run(cmd: list[str], log_path: Path, env: dict[str, str]) -> None:
     """Run a stage, its output teed to `log_path`; a failure names the log."""
     log.info("$ %s", " ".join(cmd))
@@ -119,25 +127,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     tick = time.perf_counter()
     pre_dir = out / "pretrain"
-    cmd = [deepspeed, "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()),
-           "launch/pretrain_o365.py", "--config", "configs/demo/pretrain.yaml",
-           f"data.train_shards={shards['pretrain']}", f"paths.output_dir={pre_dir}", *args.overrides]
-    if args.pretrain_epochs is not None:
-        cmd.append(f"optim.epochs={args.pretrain_epochs}")
-    _run(cmd, out / "logs" / "pretrain.log", env)
+    _run(_training_command(deepspeed, args.num_ranks, "pretrain_o365.py", "pretrain.yaml", args.pretrain_epochs,
+                           [f"data.train_shards={shards['pretrain']}", f"paths.output_dir={pre_dir}",
+                            *args.overrides]),
+         out / "logs" / "pretrain.log", env)
     stages["pretrain"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     ft_dir = out / "finetune"
     val = splits["finetune_val"]
-    cmd = [deepspeed, "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()),
-           "launch/finetune_coco.py", "--config", "configs/demo/finetune.yaml",
-           "--pretrained", str(pre_dir / "export" / "model.safetensors"),
-           f"data.train_shards={shards['finetune_train']}", f"data.val_images={val.images}",
-           f"data.val_annotations={val.annotations}", f"paths.output_dir={ft_dir}", *args.overrides]
-    if args.finetune_epochs is not None:
-        cmd.append(f"optim.epochs={args.finetune_epochs}")
-    _run(cmd, out / "logs" / "finetune.log", env)
+    _run(_training_command(deepspeed, args.num_ranks, "finetune_coco.py", "finetune.yaml", args.finetune_epochs,
+                           ["--pretrained", str(pre_dir / "export" / "model.safetensors"),
+                            f"data.train_shards={shards['finetune_train']}", f"data.val_images={val.images}",
+                            f"data.val_annotations={val.annotations}", f"paths.output_dir={ft_dir}",
+                            *args.overrides]),
+         out / "logs" / "finetune.log", env)
     stages["finetune_and_eval"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
