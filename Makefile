@@ -39,7 +39,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml setup.py $(wildcard ops/*.h ops/*.cuh ops/*.cpp ops/*.cu)
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	$(PIP) install -q --no-build-isolation -e '.[dev,export]'
 	touch $(STAMP)
 
 test: install slurm-packages

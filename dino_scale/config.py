@@ -101,8 +101,9 @@ class ModelConfig:
     # inference
     num_select: int = 300
     # multi-scale deformable attention implementation: "auto" (native op, else the
-    # pure-PyTorch reference), "native" or "reference"
-    msda_impl: Literal["auto", "native", "reference"] = "auto"
+    # pure-PyTorch reference), "native", "reference" (grid_sample) or "gather" (the
+    # indexing formulation that ONNX export uses)
+    msda_impl: Literal["auto", "native", "reference", "gather"] = "auto"
 
 
 @dataclass
@@ -260,6 +261,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     sources: dict[str, str] = {}
     if path is not None:
         tree, sources = _load_tree(Path(path), chain=())
+    return config_from_tree(tree, overrides, sources)
+
+
+def config_from_tree(tree: dict[str, Any], overrides: Sequence[str] = (),
+                     sources: dict[str, str] | None = None) -> Config:
+    """A `Config` from a nested mapping (e.g. a saved `config_to_dict`) with `key.sub=value`
+    overrides applied on top."""
+    tree = copy.deepcopy(tree)
+    sources = dict(sources or {})
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(tree, key, value)

@@ -25,6 +25,12 @@ from dino_scale.models import PostProcess, build_dino
 from dino_scale.preflight import Plan, require, run_preflight
 from dino_scale.weights import load_model, load_state_into, read_weights
 
+try:  # the `export` extra (onnx, onnxruntime): only `launch/infer.py --onnx` needs it
+    from dino_scale.export.runtime import OnnxDetector, detect_onnx
+except ImportError as exc:
+    OnnxDetector = detect_onnx = None
+    _ONNX_MISSING = str(exc)
+
 log = get_logger(__name__)
 
 
@@ -163,9 +169,12 @@ def infer_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch/infer.py",
                                      description="Draw a checkpoint's detections on an image")
     parser.add_argument("image", help="input image (JPEG/PNG)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="dino-scale export (.safetensors) or official DINO .pth")
-    parser.add_argument("--config", required=True, help="YAML config of the model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="dino-scale export (.safetensors) or official DINO .pth")
+    source.add_argument("--onnx", help="a `python -m dino_scale.export onnx` file, run with ONNX Runtime (CPU)")
+    parser.add_argument("--config", default=None,
+                        help="YAML config of the model (required with --checkpoint; with --onnx the "
+                             "config stored in the file is the default)")
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--threshold", type=float, default=None,
                         help="score threshold (default train.draw_score_threshold)")
@@ -179,16 +188,32 @@ def infer_parser() -> argparse.ArgumentParser:
 
 
 def run_infer(args: argparse.Namespace) -> list[dict]:
-    cfg = load_config(args.config, list(args.overrides))
-    if args.categories and not Path(args.categories).is_file():
-        raise UserError(f"--categories {args.categories} does not exist")
-    preflight(cfg, Plan(train=False, weights=args.checkpoint, weights_key="--checkpoint", transfer=False,
-                        allow_unsafe_pickle=args.allow_unsafe_pickle, images=[args.image], outputs=[args.out]))
-    model = load_model(args.config, args.checkpoint, list(args.overrides),
-                       allow_unsafe_pickle=args.allow_unsafe_pickle)
+    if args.onnx:
+        if OnnxDetector is None:
+            raise UserError(f"launch/infer.py --onnx needs the export extra (pip install 'dino-scale[export]'): "
+                            f"{_ONNX_MISSING}")
+        if not Path(args.onnx).is_file():
+            raise UserError(f"--onnx {args.onnx} does not exist")
+        if not Path(args.image).is_file():
+            raise UserError(f"{args.image} does not exist: check the IMAGE argument")
+        detector = OnnxDetector(args.onnx)
+        overrides = list(args.overrides)
+        cfg = load_config(args.config, overrides) if args.config else detector.config(overrides)
+        detections = detect_onnx(detector, args.image, cfg)
+        names = names_for(args.onnx, args.categories) if args.categories else detector.category_names()
+    else:
+        if not args.config:
+            raise UserError("launch/infer.py: --config is required with --checkpoint")
+        cfg = load_config(args.config, list(args.overrides))
+        if args.categories and not Path(args.categories).is_file():
+            raise UserError(f"--categories {args.categories} does not exist")
+        preflight(cfg, Plan(train=False, weights=args.checkpoint, weights_key="--checkpoint", transfer=False,
+                            allow_unsafe_pickle=args.allow_unsafe_pickle, images=[args.image], outputs=[args.out]))
+        model = load_model(args.config, args.checkpoint, list(args.overrides),
+                           allow_unsafe_pickle=args.allow_unsafe_pickle)
+        detections = detect(model, args.image, cfg)
+        names = names_for(args.checkpoint, args.categories)
     threshold = cfg.train.draw_score_threshold if args.threshold is None else args.threshold
-    detections = detect(model, args.image, cfg)
-    names = names_for(args.checkpoint, args.categories)
     kept = draw_detections(args.image, detections, args.out, threshold=threshold, names=names, scale=args.scale)
     print(f"{len(kept)} detections above {threshold} drawn to {args.out}")
     return kept

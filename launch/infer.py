@@ -1,5 +1,6 @@
 """Draw a checkpoint's detections on an image:
-`python launch/infer.py IMAGE --config C --checkpoint W --out OUT.png`."""
+`python launch/infer.py IMAGE --config C --checkpoint W --out OUT.png`, or an exported
+model's: `python launch/infer.py IMAGE --onnx model.onnx --out OUT.png`."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"models": ("dino_scale.models",), "data": ("dino_scale.data",)},
     {"weights": ("dino_scale.weights",)},
     {"engine": ("dino_scale.engine", "dino_scale.metrics")},
-    {"apps": ("dino_scale.checkpoint_convert", "dino_scale.preflight", "dino_scale.slurm", "data_pipeline", "launch")},
+    {"apps": ("dino_scale.checkpoint_convert", "dino_scale.preflight", "dino_scale.slurm", "dino_scale.export",
+              "data_pipeline", "launch")},
 ]
 # the package itself: its __init__ re-exports leaves only
 PACKAGE_ROOT = {"dino_scale": "leaves"}

@@ -11,6 +11,13 @@ from torch import nn
 
 from dino_scale import ops
 
+_KERNELS = {
+    "auto": ops.ms_deform_attn,
+    "native": ops.ms_deform_attn,
+    "reference": ops.ms_deform_attn_reference,
+    "gather": ops.ms_deform_attn_gather,
+}
+
 
 class MSDeformAttn(nn.Module):
     """Each query attends to `n_points` sampled locations per head and level around its
@@ -20,7 +27,10 @@ class MSDeformAttn(nn.Module):
         self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, impl: str = "auto"
     ) -> None:
         super().__init__()
-        # "reference" forces the pure-PyTorch kernel; "auto"/"native" use `ops.ms_deform_attn`
+        # "reference" forces the grid_sample kernel, "gather" the indexing one (ONNX export);
+        # "auto"/"native" use `ops.ms_deform_attn`
+        if impl not in _KERNELS:
+            raise ValueError(f"impl must be one of {sorted(_KERNELS)}, got {impl!r}")
         self.impl = impl
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -86,7 +96,7 @@ class MSDeformAttn(nn.Module):
             )
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
-        kernel = ops.ms_deform_attn_reference if self.impl == "reference" else ops.ms_deform_attn
+        kernel = _KERNELS[self.impl]
         if value.dtype in (torch.float16, torch.bfloat16):
             out = kernel(
                 value.float(), spatial_shapes, level_start_index, locations.float(), weights.float()

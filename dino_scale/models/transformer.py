@@ -8,6 +8,7 @@ Shapes: B batch, S = sum(H_l * W_l) flattened multi-level tokens, L levels, Q qu
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +163,10 @@ class DeformableTransformer(nn.Module):
                 dn_boxes_unsigmoid: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
                 ) -> TransformerOutput:
         """srcs/pos_embeds: L x [B, D, H_l, W_l]; masks: L x [B, H_l, W_l] (True = padding)."""
-        spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
+        # level sizes as ints (symbolic under torch.export, so exported graphs keep them dynamic)
+        level_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
+        spatial_shapes = torch.stack([torch.stack([torch.full((), n, dtype=torch.long, device=srcs[0].device)
+                                                   for n in hw]) for hw in level_shapes])  # [L, 2]
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, D]
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
@@ -171,13 +175,13 @@ class DeformableTransformer(nn.Module):
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # [B, L, 2]
 
         memory = src_flat
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        reference_points = encoder_reference_points(level_shapes, valid_ratios)
         for layer in self.encoder.layers:
             memory = run_layer(layer, self.checkpoint_encoder_layers, memory, pos_flat, reference_points,
                                spatial_shapes, level_start_index, mask_flat)
 
         # two-stage: score every memory token as a proposal, keep the top Q as anchors
-        output_memory, output_proposals = encoder_output_proposals(memory, mask_flat, spatial_shapes)
+        output_memory, output_proposals = encoder_output_proposals(memory, mask_flat, level_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_logits = self.enc_out_class_embed(output_memory)
         enc_boxes_unsig = self.enc_out_bbox_embed(output_memory) + output_proposals
@@ -213,14 +217,15 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_w.float() / W, valid_h.float() / H], -1)
 
 
-def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+def encoder_reference_points(level_shapes: Sequence[tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
     """Pixel centres of every level, normalised by the valid extent, then mapped into each
     level's frame: [B, S, L, 2] (x, y)."""
     points = []
-    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+    for lvl, (H, W) in enumerate(level_shapes):
+        # arange, not linspace: the same exact values, and the size stays symbolic under torch.export
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, H - 0.5, H, dtype=torch.float32, device=valid_ratios.device),
-            torch.linspace(0.5, W - 0.5, W, dtype=torch.float32, device=valid_ratios.device),
+            torch.arange(H, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            torch.arange(W, dtype=torch.float32, device=valid_ratios.device) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)
@@ -229,24 +234,25 @@ def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.T
     return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
 
-def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor,
+                             level_shapes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """One proposal per memory token: its pixel centre (normalised by the valid extent) and
     a size of 0.05 * 2**level. Proposals on padding or within 0.01 of the border get +inf
     (unsigmoid) and their memory is zeroed.
 
-    memory [B, S, D], padding_mask [B, S] -> (memory [B, S, D], proposals_unsigmoid [B, S, 4])
+    memory [B, S, D], padding_mask [B, S], level_shapes L x (H_l, W_l)
+    -> (memory [B, S, D], proposals_unsigmoid [B, S, 4])
     """
     B = memory.shape[0]
     proposals = []
     start = 0
-    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+    for lvl, (H, W) in enumerate(level_shapes):
         mask = padding_mask[:, start:start + H * W].view(B, H, W)
         valid_h = torch.sum(~mask[:, :, 0], 1)
         valid_w = torch.sum(~mask[:, 0, :], 1)
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
-            torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device),
+            torch.arange(H, dtype=torch.float32, device=memory.device),
+            torch.arange(W, dtype=torch.float32, device=memory.device),
             indexing="ij",
         )
         grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)  # [H, W, 2]

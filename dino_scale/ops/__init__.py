@@ -3,6 +3,7 @@
 `ms_deform_attn` runs the native kernels (ops/ at the repository root, registered as
 torch.ops.dino_scale.ms_deform_attn_forward/backward) when they are available for the
 input's device, and otherwise the reference, with a warning that names what fell back.
+`ms_deform_attn_gather` is the same op from indexing and arithmetic (for ONNX export).
 `NATIVE` says how the native op was loaded: "installed", "jit" or None.
 """
 
@@ -13,6 +14,7 @@ import warnings
 import torch
 
 from dino_scale.ops import native
+from dino_scale.ops.gather import ms_deform_attn_gather
 from dino_scale.ops.reference import ms_deform_attn_reference
 
 NATIVE, _NATIVE_ERROR = native.load()
@@ -144,4 +146,4 @@ def ms_deform_attn(
     return out.to(value.dtype)
 
 
-__all__ = ["NATIVE", "accumulate_dtype", "ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = ["NATIVE", "accumulate_dtype", "ms_deform_attn", "ms_deform_attn_gather", "ms_deform_attn_reference"]

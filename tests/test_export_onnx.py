@@ -1,0 +1,187 @@
+"""ONNX export (`python -m dino_scale.export onnx`): the graph ONNX Runtime runs gives the
+eager model's detections on real coco-mini images at two sizes (R50 and Swin-L configs,
+random weights from a checkpoint file), the custom-op form has one documented node per
+deformable attention call, `launch/infer.py --onnx` draws from the file, and bad inputs
+stop with one line, exit status 2 and no file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+import infer
+from dino_scale.config import load_config
+from dino_scale.data.collate import collate
+from dino_scale.data.transforms import build_eval_transform
+from dino_scale.export.__main__ import main as export_main
+from dino_scale.export.graph import CUSTOM_DOMAIN, CUSTOM_OP
+from dino_scale.export.runtime import OnnxDetector
+from dino_scale.models import PostProcess, build_dino
+from dino_scale.weights import load_model
+from dino_scale.weights.safetensors import save_weights
+
+REPO = Path(__file__).resolve().parents[1]
+R50 = REPO / "configs" / "dino_r50_4scale_coco.yaml"
+SWINL = REPO / "configs" / "finetune_coco_swinl.yaml"
+DEMO = REPO / "configs" / "demo" / "finetune.yaml"
+TOL = 1e-4
+CATEGORIES = [{"id": i, "name": f"class{i}"} for i in range(1, 11)]
+
+
+def _random_checkpoint(config: Path, path: Path, seed: int = 0) -> Path:
+    cfg = load_config(config)
+    cfg.model.backbone.pretrained_path = None
+    torch.manual_seed(seed)
+    model = build_dino(cfg.model)
+    # the prior bias makes every random score ~0.01: spread the class logits so that the
+    # top-K detections differ clearly (distinct scores, several labels)
+    with torch.no_grad():
+        model.class_embed.bias.normal_(0.0, 1.0)
+    save_weights(model.state_dict(), path, {"categories": CATEGORIES})
+    return path
+
+
+def _export(config: Path, checkpoint: Path, out: Path, *extra: str) -> Path:
+    assert export_main(["onnx", "--config", str(config), "--checkpoint", str(checkpoint), "--out", str(out),
+                        *extra]) == 0
+    return out
+
+
+def _batch(images: list[Path], eval_size: int, max_size: int):
+    """Eval-transformed, padded batch of real images and their original sizes."""
+    transform = build_eval_transform(type("Data", (), {"eval_size": eval_size, "eval_max_size": max_size})())
+    samples = []
+    for path in images:
+        image = Image.open(path).convert("RGB")
+        target = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int64),
+                  "image_id": 0, "orig_size": [image.height, image.width]}
+        samples.append(transform(image, target))
+    batch = collate(samples)
+    sizes = torch.stack([t["orig_size"] for t in batch.targets])
+    return batch.images, batch.masks, sizes
+
+
+def _assert_same_detections(onnx_out: dict[str, np.ndarray], eager: list[dict[str, torch.Tensor]],
+                            sizes: torch.Tensor) -> None:
+    """Scores within TOL in rank order; every eager detection has an ONNX one of the same
+    label, a score within TOL and a box within TOL of the image size (ties may swap ranks)."""
+    for i, det in enumerate(eager):
+        scores, labels, boxes = det["scores"].numpy(), det["labels"].numpy(), det["boxes"].numpy()
+        o_scores, o_labels, o_boxes = onnx_out["scores"][i], onnx_out["labels"][i], onnx_out["boxes"][i]
+        assert o_scores.shape == scores.shape and o_boxes.shape == boxes.shape
+        assert np.abs(o_scores - scores).max() <= TOL
+        scale = float(sizes[i].max())
+        unmatched = []
+        for k in range(len(scores)):
+            near = (np.abs(o_scores - scores[k]) <= TOL) & (o_labels == labels[k])
+            box_err = np.abs(o_boxes[near] - boxes[k]).max(-1) / scale if near.any() else np.array([np.inf])
+            if box_err.min() > TOL:
+                unmatched.append(k)
+        assert not unmatched, f"image {i}: eager detections {unmatched[:5]} have no ONNX match"
+        # the detections are not trivial: distinct scores, several classes, boxes of many queries
+        assert scores[0] - scores[-1] > 1e-2 and len(np.unique(labels)) > 1
+        assert len(np.unique(boxes.round(2), axis=0)) > len(boxes) // 4
+
+
+def _check_equal_to_eager(onnx_path: Path, config: Path, checkpoint: Path, batches) -> None:
+    cfg = load_config(config)
+    model = load_model(config, checkpoint)
+    detector = OnnxDetector(onnx_path)
+    postprocess = PostProcess(cfg.model.num_select)
+    for images, masks, sizes in batches:
+        with torch.no_grad():
+            eager = postprocess(model(images, masks), sizes)
+        _assert_same_detections(detector(images, masks, sizes), eager, sizes)
+
+
+@pytest.fixture(scope="module")
+def images(coco_mini) -> list[Path]:
+    return sorted((coco_mini / "train2017").glob("*.jpg"))[:3]
+
+
+@pytest.mark.slow
+def test_r50_onnx_runtime_equals_eager_at_two_sizes(tmp_path_factory, images):
+    tmp = tmp_path_factory.mktemp("r50")
+    checkpoint = _random_checkpoint(R50, tmp / "r50.safetensors")
+    path = _export(R50, checkpoint, tmp / "r50.onnx", "--dynamic")
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    # batch, height and width are symbolic; the custom node is absent from the standard form
+    assert all(isinstance(d, str) for d in dims["images"][:1] + dims["images"][2:]), dims
+    assert not any(n.domain == CUSTOM_DOMAIN for n in proto.graph.node)
+    # two images padded to one size, then a third image alone at another size
+    _check_equal_to_eager(path, R50, checkpoint, [_batch(images[:2], 320, 480), _batch(images[2:], 256, 384)])
+
+
+@pytest.mark.slow
+def test_swinl_onnx_runtime_equals_eager_at_two_small_sizes(tmp_path_factory, images):
+    tmp = tmp_path_factory.mktemp("swinl")
+    checkpoint = _random_checkpoint(SWINL, tmp / "swinl.safetensors")
+    path = _export(SWINL, checkpoint, tmp / "swinl.onnx", "--dynamic")
+    _check_equal_to_eager(path, SWINL, checkpoint, [_batch(images[:1], 256, 320), _batch(images[1:2], 224, 320)])
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    return _random_checkpoint(DEMO, tmp_path_factory.mktemp("demo") / "demo.safetensors")
+
+
+@pytest.mark.slow
+def test_custom_op_form_has_one_documented_node_per_msda_call(tmp_path, demo_checkpoint):
+    path = _export(DEMO, demo_checkpoint, tmp_path / "custom.onnx", "--msda", "custom",
+                   "--height", "128", "--width", "160", "--opset", "20")
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path))
+    cfg = load_config(DEMO).model
+    nodes = [n for n in proto.graph.node if n.domain == CUSTOM_DOMAIN]
+    assert [n.op_type for n in nodes] == [CUSTOM_OP] * (cfg.enc_layers + cfg.dec_layers)
+    assert {o.domain: o.version for o in proto.opset_import}[CUSTOM_DOMAIN] == 1
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 20
+    points = [cfg.enc_n_points] * cfg.enc_layers + [cfg.dec_n_points] * cfg.dec_layers
+    for node, n_points in zip(nodes, points):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs == {"n_heads": cfg.num_heads, "head_dim": cfg.hidden_dim // cfg.num_heads,
+                         "n_levels": cfg.num_feature_levels, "n_points": n_points}
+        assert len(node.input) == 5 and len(node.output) == 1
+    # no sampling left in the graph besides the custom nodes
+    assert not {"GridSample", "GatherElements"} & {n.op_type for n in proto.graph.node}
+    fixed = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    assert fixed == [[1, 3, 128, 160], [1, 128, 160], [1, 2]]
+
+
+@pytest.mark.slow
+def test_infer_draws_from_the_onnx_file(tmp_path, demo_checkpoint, images, capsys):
+    path = _export(DEMO, demo_checkpoint, tmp_path / "demo.onnx", "--dynamic")
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert json.loads(meta["dino_scale.categories"]) == CATEGORIES
+    out = tmp_path / "drawn.png"
+    assert infer.main([str(images[0]), "--onnx", str(path), "--out", str(out), "--threshold", "0",
+                       "data.eval_size=192", "data.eval_max_size=256"]) == 0
+    assert Image.open(out).size == Image.open(images[0]).size
+    assert "50 detections above 0.0 drawn" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["mismatched checkpoint", "unsupported opset", "unwritable output"])
+def test_bad_input_one_line_exit_2_no_file(case, tmp_path, demo_checkpoint, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = tmp_path / "model.onnx"
+    args = {"mismatched checkpoint": ["--config", str(R50), "--checkpoint", str(demo_checkpoint)],
+            "unsupported opset": ["--config", str(DEMO), "--checkpoint", str(demo_checkpoint), "--opset", "11"],
+            "unwritable output": ["--config", str(DEMO), "--checkpoint", str(demo_checkpoint)]}[case]
+    if case == "unwritable output":
+        out = blocker / "model.onnx"
+    assert export_main(["onnx", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    expected = {"mismatched checkpoint": "does not fit the model", "unsupported opset": "unsupported opset 11",
+                "unwritable output": "cannot write"}[case]
+    assert expected in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
