@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import infer
@@ -23,6 +24,7 @@ from dino_scale.export.__main__ import main as export_main
 from dino_scale.export.graph import CUSTOM_DOMAIN, CUSTOM_OP
 from dino_scale.export.runtime import OnnxDetector
 from dino_scale.models import PostProcess, build_dino
+from dino_scale.models.dino import _resize_mask
 from dino_scale.weights import load_model
 from dino_scale.weights.safetensors import save_weights
 
@@ -98,6 +100,19 @@ def _check_equal_to_eager(onnx_path: Path, config: Path, checkpoint: Path, batch
         with torch.no_grad():
             eager = postprocess(model(images, masks), sizes)
         _assert_same_detections(detector(images, masks, sizes), eager, sizes)
+
+
+def test_mask_downsampling_equals_nearest_interpolation():
+    # the model picks the padding mask's rows/columns by index (an exported graph keeps
+    # them); they must be the ones F.interpolate(mode="nearest") picked before
+    generator = torch.Generator().manual_seed(0)
+    for height in range(64, 420, 29):
+        for width in range(64, 480, 37):
+            mask = torch.rand(2, height, width, generator=generator) > 0.5
+            for stride in (4, 8, 16, 32, 64):
+                size = torch.Size((-(-height // stride), -(-width // stride)))
+                expected = F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+                assert torch.equal(_resize_mask(mask, size), expected), (height, width, stride)
 
 
 @pytest.fixture(scope="module")

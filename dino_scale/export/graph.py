@@ -99,12 +99,14 @@ def check_opset(opset: int) -> None:
 
 def export_onnx(model: nn.Module, out: str | Path, *, num_select: int, height: int, width: int,
                 dynamic: bool, opset: int = DEFAULT_OPSET, msda: str = "gather",
-                metadata: dict[str, str] | None = None) -> ExportResult:
+                metadata: dict[str, str] | None = None, optimize: bool = True) -> ExportResult:
     """Export eval-mode `model` (a DINO) with post-processing to `out`, atomically.
 
     height/width: the example input's size (and the only size when not `dynamic`); with
     `dynamic`, batch, height and width are symbolic wherever the graph allows. The model's
-    MSDA implementation is switched for the export and restored afterwards.
+    MSDA implementation is switched for the export and restored afterwards. `optimize`: run
+    onnxscript's graph optimizer (constant folding, dead code); ONNX Runtime optimizes the
+    graph again when it loads it, so skipping it only saves export time.
     """
     check_opset(opset)
     if msda not in MSDA_FORMS:
@@ -130,7 +132,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, num_select: int, height: i
             program = torch.onnx.export(
                 wrapper, inputs, dynamo=True, opset_version=opset, input_names=INPUT_NAMES,
                 output_names=OUTPUT_NAMES, dynamic_shapes=dynamic_shapes, custom_translation_table=table,
-                verbose=False,
+                verbose=False, optimize=optimize,
             )
         proto = program.model_proto
         for key, value in (metadata or {}).items():

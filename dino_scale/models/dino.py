@@ -8,7 +8,6 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dino_scale.config import ModelConfig
@@ -150,8 +149,22 @@ class DINO(nn.Module):
 
 
 def _resize_mask(mask: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Nearest-neighbour downsampling of a [B, H, W] padding mask (as DETR does)."""
-    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+    """Nearest-neighbour downsampling of a [B, H, W] padding mask (as DETR does).
+
+    The source rows/columns of F.interpolate(mode="nearest"), computed as its CPU kernel
+    does (float32 scale in/out, floor, clamp), picked by indexing: the same mask, and an
+    exported graph keeps it (ONNX Resize rounds differently and moved the padding edge).
+    """
+    height, width = size
+    rows = _nearest_source_index(mask.shape[1], height, mask.device)
+    cols = _nearest_source_index(mask.shape[2], width, mask.device)
+    return mask.index_select(1, rows).index_select(2, cols)
+
+
+def _nearest_source_index(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    scale = torch.full((), in_size, dtype=torch.float32, device=device) / out_size
+    index = (torch.arange(out_size, dtype=torch.float32, device=device) * scale).floor().long()
+    return index.clamp(max=in_size - 1)
 
 
 def build_dino(cfg: ModelConfig) -> DINO:
