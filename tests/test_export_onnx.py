@@ -41,10 +41,16 @@ def _random_checkpoint(config: Path, path: Path, seed: int = 0) -> Path:
     cfg.model.backbone.pretrained_path = None
     torch.manual_seed(seed)
     model = build_dino(cfg.model)
-    # the prior bias makes every random score ~0.01: spread the class logits so that the
-    # top-K detections differ clearly (distinct scores, several labels)
     with torch.no_grad():
-        model.class_embed.bias.normal_(0.0, 1.0)
+        # scores around 0.5 (the prior bias puts every random score at ~0.01, where sigmoid is
+        # flat); the random weights still rank (query, class) pairs: several labels
+        model.class_embed.bias.zero_()
+        # The two-stage selection orders the proposals by encoder score and query i takes
+        # content embedding i. Random weights score many proposals within float rounding of
+        # each other, so two correct runs may order them differently and pair contents with
+        # other boxes. With one content for every query, that order changes no detection.
+        model.transformer.tgt_embed.weight.copy_(model.transformer.tgt_embed.weight[:1].expand_as(
+            model.transformer.tgt_embed.weight))
     save_weights(model.state_dict(), path, {"categories": CATEGORIES})
     return path
 
