@@ -34,6 +34,27 @@ DEFAULT_OPSET = 18
 MSDA_FORMS = ("gather", "custom")
 CUSTOM_DOMAIN = "dino_scale"
 CUSTOM_OP = "MSDeformAttn"
+CUSTOM_ATTRIBUTES = ("n_heads", "head_dim", "n_levels", "n_points")
+
+
+def _register_custom_schema() -> None:
+    """The schema of the custom node (onnxscript builds nodes only for registered ops)."""
+    if onnx.defs.has(CUSTOM_OP, CUSTOM_DOMAIN):
+        return
+    param = onnx.defs.OpSchema.FormalParameter
+    onnx.defs.register_schema(onnx.defs.OpSchema(
+        CUSTOM_OP, CUSTOM_DOMAIN, 1,
+        doc="Multi-scale deformable attention (docs/export.md): output [N, Lq, M * D].",
+        inputs=[param("value", "T"), param("spatial_shapes", "I"), param("level_start_index", "I"),
+                param("sampling_locations", "T"), param("attention_weights", "T")],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)"], "float32"), ("I", ["tensor(int64)"], "int64")],
+        attributes=[onnx.defs.OpSchema.Attribute(name, onnx.defs.OpSchema.AttrType.INT, name)
+                    for name in CUSTOM_ATTRIBUTES],
+    ))
+
+
+_register_custom_schema()
 CUSTOM_OPSET = Opset(CUSTOM_DOMAIN, 1)
 INPUT_NAMES = ["images", "masks", "orig_sizes"]
 OUTPUT_NAMES = ["scores", "labels", "boxes"]
