@@ -20,6 +20,7 @@ import infer
 from dino_scale.config import load_config
 from dino_scale.data.collate import collate
 from dino_scale.data.transforms import build_eval_transform
+from dino_scale.errors import run_command
 from dino_scale.export.__main__ import main as export_main
 from dino_scale.export.graph import CUSTOM_DOMAIN, CUSTOM_OP
 from dino_scale.export.runtime import OnnxDetector
@@ -126,7 +127,7 @@ def images(coco_mini) -> list[Path]:
     return sorted((coco_mini / "train2017").glob("*.jpg"))[:3]
 
 
-@pytest.mark.slow
+@pytest.mark.export_full
 def test_r50_onnx_runtime_equals_eager_at_two_sizes(tmp_path_factory, images):
     tmp = tmp_path_factory.mktemp("r50")
     checkpoint = _random_checkpoint(R50, tmp / "r50.safetensors")
@@ -141,7 +142,7 @@ def test_r50_onnx_runtime_equals_eager_at_two_sizes(tmp_path_factory, images):
     _check_equal_to_eager(path, R50, checkpoint, [_batch(images[:2], 320, 480), _batch(images[2:], 256, 384)])
 
 
-@pytest.mark.slow
+@pytest.mark.export_full
 @pytest.mark.timeout(1800)  # the Swin-L export alone took over 10 min on a loaded 2-core machine
 def test_swinl_onnx_runtime_equals_eager_at_two_small_sizes(tmp_path_factory, images):
     tmp = tmp_path_factory.mktemp("swinl")
@@ -177,9 +178,22 @@ def test_custom_op_form_has_one_documented_node_per_msda_call(tmp_path, demo_che
     assert fixed == [[1, 3, 128, 160], [1, 128, 160], [1, 2]]
 
 
+@pytest.fixture(scope="module")
+def demo_onnx(tmp_path_factory, demo_checkpoint) -> Path:
+    return _export(DEMO, demo_checkpoint, tmp_path_factory.mktemp("demo_onnx") / "demo.onnx", "--dynamic")
+
+
 @pytest.mark.slow
-def test_infer_draws_from_the_onnx_file(tmp_path, demo_checkpoint, images, capsys):
-    path = _export(DEMO, demo_checkpoint, tmp_path / "demo.onnx", "--dynamic")
+def test_demo_model_onnx_runtime_equals_eager_at_two_sizes(demo_onnx, demo_checkpoint, images):
+    # the export path of the R50 and Swin-L tests (dynamic sizes, gather attention, post-processing
+    # in the graph) on the small demo model, cheap enough for every run of the suite
+    batches = [_batch(images[:2], 192, 256), _batch(images[2:], 160, 224)]
+    _check_equal_to_eager(demo_onnx, DEMO, demo_checkpoint, batches)
+
+
+@pytest.mark.slow
+def test_infer_draws_from_the_onnx_file(tmp_path, demo_onnx, images, capsys):
+    path = demo_onnx
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert json.loads(meta["dino_scale.categories"]) == CATEGORIES
     out = tmp_path / "drawn.png"
@@ -199,9 +213,9 @@ def test_bad_input_one_line_exit_2_no_file(case, tmp_path, demo_checkpoint, caps
             "unwritable output": ["--config", str(DEMO), "--checkpoint", str(demo_checkpoint)]}[case]
     if case == "unwritable output":
         out = blocker / "model.onnx"
-    assert export_main(["onnx", *args, "--out", str(out)]) == 2
+    assert run_command(export_main, "python -m dino_scale.export", ["onnx", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert len(err) == 1 and err[0].startswith("python -m dino_scale.export: error: "), err
     expected = {"mismatched checkpoint": "does not fit the model", "unsupported opset": "unsupported opset 11",
                 "unwritable output": "cannot write"}[case]
     assert expected in err[0]

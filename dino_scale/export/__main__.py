@@ -13,13 +13,13 @@ import sys
 
 from dino_scale.config import config_to_dict, load_config
 from dino_scale.data.categories import read_categories
+from dino_scale.errors import run_command
 from dino_scale.export.graph import DEFAULT_OPSET, MSDA_FORMS, SUPPORTED_OPSETS, ExportError, check_opset, export_onnx
 from dino_scale.export.runtime import CATEGORIES_KEY, CONFIG_KEY
 from dino_scale.weights import load_model
 from dino_scale.weights.errors import CheckpointError
 from dino_scale.weights.safetensors import is_safetensors, read_metadata
 
-USAGE_ERROR = 2
 # the example input of a --dynamic export (any size works; it only has to exercise the graph)
 DYNAMIC_EXAMPLE_SIZE = (512, 640)
 
@@ -82,14 +82,9 @@ def _categories(checkpoint: str, categories_file: str | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
-    try:
-        run_onnx(args)
-    except (ExportError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USAGE_ERROR
+    run_onnx(build_parser().parse_intermixed_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, prog="python -m dino_scale.export"))

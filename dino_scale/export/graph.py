@@ -24,6 +24,7 @@ import torch
 from onnxscript.values import Opset
 from torch import nn
 
+from dino_scale.errors import UserError
 from dino_scale.io import atomic_write_bytes
 from dino_scale.models.deformable_attention import MSDeformAttn
 from dino_scale.models.postprocess import top_detections
@@ -60,7 +61,7 @@ INPUT_NAMES = ["images", "masks", "orig_sizes"]
 OUTPUT_NAMES = ["scores", "labels", "boxes"]
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A problem with the export's inputs (checkpoint, opset, output path): one line for the user."""
 
 
