@@ -106,7 +106,7 @@ def test_every_planted_problem_is_found_in_one_run(tmp_path: Path) -> None:
     report = run_preflight(cfg, Plan(weights=str(weights), resume=True), world_size=2)
     problems = "\n".join(report.problems)
     expected = {
-        "shards": "2 shards in the manifest, 1 missing (shard-000001.tar); 1 of another size",
+        "shards": "2 shards in the manifest, 1 missing (shard-000001.tar): re-run",
         "categories": "category ids go up to 400 but model.num_classes=",
         "val annotations": f"data.val_annotations: annotations {tmp_path}/val/annotations.json does not exist",
         "val images": f"data.val_images: images {tmp_path}/val/images does not exist",
@@ -120,6 +120,9 @@ def test_every_planted_problem_is_found_in_one_run(tmp_path: Path) -> None:
     for what, text in expected.items():
         assert text in problems, f"{what}: {text!r} not found in\n{report.table()}"
     assert len(report.problems) == len(expected), report.table()
+    # a damaged (resized) shard is a warning: the loader skips and counts its bad samples
+    (warning,) = [c for c in report.checks if c.status == "warn" and c.name == "data.train_shards shard sizes"]
+    assert warning.detail.startswith("1 of 2 shards differ in size from the manifest (shard-000000.tar)"), warning
 
 
 def test_checkpoints_that_fit_and_class_rows(tmp_path: Path) -> None:

@@ -92,17 +92,19 @@ def check_shards(cfg: Config, report: Report, where: Locations, world_size: int)
     present = where.listing(root)
     missing = [s["name"] for s in shards if s["name"] not in present]
     wrong_size = [s["name"] for s in shards if s["name"] in present and present[s["name"]] != int(s["bytes"])]
-    if missing or wrong_size:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
-        if wrong_size:
-            parts.append(f"{len(wrong_size)} of another size than recorded ({', '.join(wrong_size[:3])})")
-        report.fail(f"{key} shards", f"{len(shards)} shards in the manifest, " + "; ".join(parts)
-                    + ": re-run python -m data_pipeline.build_shards with the same arguments")
+    if wrong_size:  # damaged shards are read, their bad samples skipped and counted (not a reason to stop)
+        listed = ", ".join(wrong_size[:3]) + (" ..." if len(wrong_size) > 3 else "")
+        report.warn(f"{key} shard sizes", f"{len(wrong_size)} of {len(shards)} shards differ in size from the "
+                                          f"manifest ({listed}): their bad samples will be skipped and counted; "
+                                          "rebuild them with python -m data_pipeline.build_shards to get them back")
+    if missing:
+        report.fail(f"{key} shards", f"{len(shards)} shards in the manifest, {len(missing)} missing "
+                                     f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): "
+                                     "re-run python -m data_pipeline.build_shards with the same arguments")
     else:
         total = int(manifest.get("totals", {}).get("samples", sum(int(s["samples"]) for s in shards)))
-        report.ok(f"{key} shards", f"{len(shards)} shards, {total} samples, sizes as in the manifest")
+        report.ok(f"{key} shards", f"{len(shards)} shards, {total} samples"
+                                   + ("" if wrong_size else ", sizes as in the manifest"))
         needed = world_size * cfg.deepspeed.micro_batch_per_gpu
         if cfg.data.mode == "finite" and total < needed:
             report.fail(f"{key} samples", f"{total} samples cannot fill one batch on each of {world_size} ranks "
