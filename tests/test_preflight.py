@@ -23,7 +23,7 @@ import finetune_coco
 import infer as infer_script
 import pretrain_o365
 from data_pipeline import build_shards
-from dino_scale import checkpoint_convert
+from dino_scale import checkpoint_convert, errors
 from dino_scale.config import config_to_dict, load_config
 from dino_scale.engine.distributed import free_port
 from dino_scale.errors import run_command, user_message
@@ -238,7 +238,9 @@ def test_debug_keeps_the_traceback(capsys, monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ValueError, match="config file not found"):
         run_command(pretrain_o365.main, "launch/pretrain_o365.py", argv)
     monkeypatch.delenv("DINO_DEBUG")
-    monkeypatch.setenv("RANK", "1")  # under a launcher only rank 0 prints
+    monkeypatch.setenv("RANK", "1")  # under a launcher, before the process group exists, only rank 0 prints
+    # (earlier in-process tests may have left a group of one in this process)
+    monkeypatch.setattr(errors, "_process_group_exists", lambda: False)
     setup_logging()
     assert run_command(pretrain_o365.main, "launch/pretrain_o365.py", argv) == 2
     assert capsys.readouterr().err == ""
