@@ -65,6 +65,12 @@ def small_overrides(output_dir: Path) -> list[str]:
             "model.num_select=30", "model.dn_number=10", "model.enc_layers=1", "model.dec_layers=2"]
 
 
+# the Swin-L configs' layout at a small width (their full-size parameter counts are checked by
+# tests/test_checkpoint_convert.py)
+SMALL_SWIN = ["model.num_queries=50", "model.dn_number=10",
+              "model.backbone.timm_kwargs={embed_dim: 16, depths: [2, 2, 2, 2], num_heads: [1, 2, 4, 8]}"]
+
+
 def deepspeed_cmd(script: str, config: str, *args: str, num_gpus: int = 2) -> list[str]:
     return [DEEPSPEED, "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
             f"launch/{script}", "--config", config, *args]

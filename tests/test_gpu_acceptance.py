@@ -16,6 +16,7 @@ import torch
 
 from dino_scale.config import load_config
 from dino_scale.models import build_dino
+from launch_helpers import SMALL_SWIN
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_acceptance.py"
@@ -152,8 +153,6 @@ def test_a_deadline_too_short_for_a_step_skips_it_and_fails_the_run(tmp_path):
     assert "s left" in report["steps"]["msda"]["error"]
 
 
-SMALL_SWIN = ["model.num_queries=50", "model.dn_number=10",
-              "model.backbone.timm_kwargs={embed_dim: 16, depths: [2, 2, 2, 2], num_heads: [1, 2, 4, 8]}"]
 
 
 @pytest.mark.slow

@@ -34,10 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--out", required=True, help="output .onnx file (written atomically)")
     opsets = f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset {opsets} (default {DEFAULT_OPSET})")
-    onnx.add_argument("--height", type=int, default=None, help="fixed input height (with --width)")
+    onnx.add_argument("--height", type=int, default=None,
+                      help="fixed input height (with --width; the batch stays symbolic)")
     onnx.add_argument("--width", type=int, default=None, help="fixed input width (with --height)")
     onnx.add_argument("--dynamic", action="store_true",
-                      help="batch, height and width symbolic (the default when no size is given)")
+                      help="batch, height and width symbolic (the default when no size is given; "
+                           "not for Swin backbones)")
     onnx.add_argument("--msda", choices=MSDA_FORMS, default="gather",
                       help="deformable attention as standard ops (gather) or one custom node per call "
                            "(custom: domain dino_scale, op MSDeformAttn, for a TensorRT plugin)")

@@ -28,6 +28,7 @@ from dino_scale.errors import UserError
 from dino_scale.io import atomic_write_bytes
 from dino_scale.models.deformable_attention import MSDeformAttn
 from dino_scale.models.postprocess import top_detections
+from dino_scale.models.swin import SwinBackbone
 
 # the torchlib translations start at opset 18; 23 is the newest torch.onnx emits
 SUPPORTED_OPSETS = range(18, 24)
@@ -104,6 +105,14 @@ def set_msda_impl(model: nn.Module, impl: str) -> None:
             module.impl = impl
 
 
+def symbolic_sizes_supported(model: nn.Module) -> bool:
+    """Whether torch.export can trace `model` with symbolic height and width in reasonable time.
+    Not with a Swin backbone: the per-block window padding and the patch merging nest floor
+    divisions and modulos of the size, and simplifying them took sympy over 10 minutes before
+    the first of its 24 stage-3 blocks was traced (a fixed size traces in ~12 s)."""
+    return not isinstance(getattr(model, "backbone", None), SwinBackbone)
+
+
 def example_inputs(batch: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random normalised images without padding, and their own sizes as the original sizes."""
     generator = torch.Generator().manual_seed(0)
@@ -124,13 +133,19 @@ def export_onnx(model: nn.Module, out: str | Path, *, num_select: int, height: i
                 metadata: dict[str, str] | None = None, optimize: bool = True) -> ExportResult:
     """Export eval-mode `model` (a DINO) with post-processing to `out`, atomically.
 
-    height/width: the example input's size (and the only size when not `dynamic`); with
-    `dynamic`, batch, height and width are symbolic wherever the graph allows. The model's
+    height/width: the example input's size, and the graph's only size unless `dynamic`: then
+    height and width are symbolic too (refused for models where `symbolic_sizes_supported` is
+    False: export those at the size they will serve, inputs padded up to it). The batch is
+    always symbolic. The model's
     MSDA implementation is switched for the export and restored afterwards. `optimize`: run
     onnxscript's graph optimizer (constant folding, dead code); ONNX Runtime optimizes the
     graph again when it loads it, so skipping it only saves export time.
     """
     check_opset(opset)
+    if dynamic and not symbolic_sizes_supported(model):
+        raise ExportError(f"a {type(model.backbone).__name__} backbone exports at a fixed image size only "
+                          "(symbolic sizes do not trace in reasonable time): give --height and --width, "
+                          "e.g. the largest padded size it will serve; the batch stays dynamic")
     if msda not in MSDA_FORMS:
         raise ExportError(f"unknown MSDA form {msda!r}; choose one of {', '.join(MSDA_FORMS)}")
     out = Path(out)
@@ -139,10 +154,11 @@ def export_onnx(model: nn.Module, out: str | Path, *, num_select: int, height: i
     try:
         set_msda_impl(model, "gather" if msda == "gather" else "native")
         wrapper = DetectorWithPostprocess(model.eval(), num_select).eval()
-        inputs = example_inputs(2 if dynamic else 1, height, width)
-        dynamic_shapes = None
+        # batch 2: an example batch of 1 would be specialised to 1
+        inputs = example_inputs(2, height, width)
+        auto = torch.export.Dim.AUTO
+        dynamic_shapes = {"images": {0: auto}, "masks": {0: auto}, "orig_sizes": {0: auto}}
         if dynamic:
-            auto = torch.export.Dim.AUTO
             dynamic_shapes = {"images": {0: auto, 2: auto, 3: auto}, "masks": {0: auto, 1: auto, 2: auto},
                               "orig_sizes": {0: auto}}
         table = None

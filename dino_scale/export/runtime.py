@@ -15,6 +15,7 @@ from PIL import Image
 from dino_scale.config import Config, config_from_tree
 from dino_scale.data.collate import collate
 from dino_scale.data.transforms import build_eval_transform
+from dino_scale.errors import UserError
 
 CONFIG_KEY = "dino_scale.config"
 CATEGORIES_KEY = "dino_scale.categories"
@@ -23,7 +24,10 @@ CATEGORIES_KEY = "dino_scale.categories"
 class OnnxDetector:
     """An exported DINO in an ONNX Runtime session:
     `detector(images, masks, orig_sizes)` -> {"scores" [B, K], "labels" [B, K], "boxes" [B, K, 4]}
-    as numpy arrays (the graph's outputs, see dino_scale.export.graph)."""
+    as numpy arrays (the graph's outputs, see dino_scale.export.graph).
+
+    A graph exported at a fixed size (`fixed_size`, (H, W); None when symbolic) takes smaller
+    inputs padded up to it (zeros, mask True), as a batch is padded to its largest image."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         options = ort.SessionOptions()
@@ -32,11 +36,16 @@ class OnnxDetector:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.metadata: dict[str, str] = self.session.get_modelmeta().custom_metadata_map
+        dims = next(i for i in self.session.get_inputs() if i.name == "images").shape
+        self.fixed_size: tuple[int, int] | None = (
+            (dims[2], dims[3]) if isinstance(dims[2], int) and isinstance(dims[3], int) else None)
 
     def __call__(self, images: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarray,
                  orig_sizes: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {"images": _numpy(images).astype(np.float32), "masks": _numpy(masks).astype(bool),
-                 "orig_sizes": _numpy(orig_sizes).astype(np.int64)}
+        images, masks = _numpy(images).astype(np.float32), _numpy(masks).astype(bool)
+        if self.fixed_size is not None:
+            images, masks = pad_to(images, masks, self.fixed_size)
+        feeds = {"images": images, "masks": masks, "orig_sizes": _numpy(orig_sizes).astype(np.int64)}
         scores, labels, boxes = self.session.run(["scores", "labels", "boxes"], feeds)
         return {"scores": scores, "labels": labels, "boxes": boxes}
 
@@ -62,6 +71,16 @@ def detect_onnx(detector: OnnxDetector, image_path: str | Path, cfg: Config) -> 
     batch = collate([(tensor, target)])
     out = detector(batch.images, batch.masks, np.array([[image.height, image.width]], np.int64))
     return {k: torch.from_numpy(v[0]) for k, v in out.items()}
+
+
+def pad_to(images: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """images [B, 3, h, w] and masks [B, h, w] padded at the bottom/right to `size` (H, W)."""
+    (height, width), (h, w) = size, images.shape[-2:]
+    if h > height or w > width:
+        raise UserError(f"input {h}x{w} is larger than the {height}x{width} the ONNX graph was exported at: "
+                         "lower data.eval_size/eval_max_size or export at a larger --height/--width")
+    pad = ((0, 0), (0, height - h), (0, width - w))
+    return np.pad(images, ((0, 0),) + pad), np.pad(masks, pad, constant_values=True)
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
