@@ -39,7 +39,7 @@ class TinyCriterion:
         self.nan_calls = nan_calls or set()
         self.nan_grad_calls = nan_grad_calls or set()
 
-    def __call__(self, outputs, targets):
+    def __call__(self, outputs, targets, num_boxes=None):
         boxes = torch.stack([t["boxes"][0] for t in targets])
         labels = torch.stack([t["labels"][0] for t in targets])
         loss_bbox = ((outputs["pred_boxes"][:, 0] - boxes) ** 2).sum(-1).mean()

@@ -1,18 +1,20 @@
 """Elastic resume with the real DeepSpeed launcher (CPU ranks, the small DINO, demo shards):
 one epoch of 48 images trained as a chain 2 ranks -> 1 rank -> 2 ranks, global batch 4
-throughout (2 x 2, then 1 x 4 with 2 loader workers, then 2 x 2), under ZeRO-2 and ZeRO-3.
-The ZeRO-2 chain starts with a fault: rank 1 is SIGKILLed inside step 5, and the job is
-restarted on the one rank left.
+throughout (2 ranks x 2 images, then 1 rank x 2 images x 2 accumulation steps, then 2 x 2),
+under ZeRO-2 and ZeRO-3. The ZeRO-2 chain starts with a fault: rank 1 is SIGKILLed inside
+step 5, and the job is restarted on the one rank left.
 
 Checked: every image of the epoch is trained exactly once over the chain (by image id, from
 what each rank's criterion saw, counting only the steps a checkpoint kept); the resumes log
 what they re-partitioned; ZeRO-2 weights are bit-identical across each re-partition (every
-rank holds them whole; under ZeRO-3 a rank holds a shard only); the steps before the first
-resume equal an uninterrupted 2-rank ZeRO-2 run (bit-identical under ZeRO-2, within 1e-6
-under ZeRO-3: another reduction order), and the mean logged loss of the steps after it is
-within LOSS_TOLERANCE of the uninterrupted run's. Not closer: the logged loss is rank 0's,
-over other images once the layout changed (ranks read contiguous slices of the epoch), and
-each micro-batch is normalised by its own box count and draws its own denoising noise.
+rank holds them whole; under ZeRO-3 a rank holds a shard only); the logged losses (the means
+over the global batch) equal the uninterrupted 2-rank ZeRO-2 run's at every step:
+bit-identical under ZeRO-2 (the one rank trains the same micro-batches, with the same
+denoising noise and normaliser, and sums the 2 gradients in the order the all-reduce did).
+ZeRO-3 reduces in another order: within ZERO3_TOLERANCE of the ZeRO-2 run, which an
+uninterrupted 2-rank ZeRO-3 run matches to the last bit at every step (measured 2026-11-30:
+both deviate from ZeRO-2 by <= 1e-7 through step 8, then 2e-6, 2e-5, 1.2e-3, 2.5e-3, as
+training amplifies the difference).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from launch_helpers import small_overrides, tiny_demo_data
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 STEPS_PER_EPOCH = 12  # 48 images, global batch 4
-LOSS_TOLERANCE = 0.2  # relative difference of the mean logged loss of steps 5-12
+# ZeRO-3 vs the ZeRO-2 reference, relative loss difference: steps 1-8, then 9-12 (see above)
+ZERO3_TOLERANCE = {range(1, 9): 1e-6, range(9, STEPS_PER_EPOCH + 1): 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,9 @@ def reference(setup) -> dict:
 
 
 def _args(out: Path, setup: dict, ranks: int, *extra: str) -> list[str]:
-    per_rank = ["deepspeed.micro_batch_per_gpu=4", "data.num_workers=2"] if ranks == 1 else []
+    # one rank keeps the global batch by accumulating 2 micro-batches (it hosts both loaders of
+    # the first start's layout, whatever data.num_workers says)
+    per_rank = ["deepspeed.gradient_accumulation_steps=2", "data.num_workers=2"] if ranks == 1 else []
     return [*small_overrides(out), f"data.train_shards={setup['shards']}", "optim.epochs=1",
             "optim.warmup_steps=0", "train.checkpoint_every_steps=2", "train.keep_last_checkpoints=5",
             "train.export_at_end=false", "model.msda_impl=reference", *per_rank, *extra]
@@ -72,13 +77,13 @@ def _logged(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())}
 
 
-def _kept_ids(run: Run, ranks: int, first_step: int, kept_through: int) -> list[int]:
-    """Image ids of the criterion calls of steps first_step+1 .. kept_through (one call per
-    step: no accumulation, no skipped steps)."""
+def _kept_ids(run: Run, ranks: int, first_step: int, kept_through: int, calls_per_step: int = 1) -> list[int]:
+    """Image ids of the criterion calls of steps first_step+1 .. kept_through (`calls_per_step`
+    micro-batches per step, no skipped steps)."""
     ids = []
     for rank in range(ranks):
         for call, rec in enumerate(run.criterion_records(rank)):
-            if first_step + call + 1 <= kept_through:
+            if first_step + call // calls_per_step + 1 <= kept_through:
                 ids += rec["image_ids"]
     return ids
 
@@ -134,7 +139,7 @@ def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, stage, 
     assert run3.returncode == 0, run3.output[-4000:]
     assert f"resuming {checkpoints / 'step_8'} written by 1 ranks on 2 ranks (ZeRO-{stage}" in run3.output
 
-    seen = (_kept_ids(run1, 2, 0, 4) + _kept_ids(run2, 1, 4, 8)
+    seen = (_kept_ids(run1, 2, 0, 4) + _kept_ids(run2, 1, 4, 8, calls_per_step=2)
             + _kept_ids(run3, 2, 8, STEPS_PER_EPOCH))
     twice = sorted(i for i, n in Counter(seen).items() if n > 1)
     missed = sorted(set(setup["image_ids"]) - set(seen))
@@ -142,12 +147,12 @@ def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, stage, 
 
     logged, ref = _logged(out), reference["losses"]
     assert sorted(logged) == list(range(1, STEPS_PER_EPOCH + 1))
-    before = max(abs(logged[s] - ref[s]) / ref[s] for s in range(1, 5))
-    assert before == 0 if stage == 2 else before < 1e-6, before
-    tail = range(5, STEPS_PER_EPOCH + 1)
-    after = [abs(logged[s] - ref[s]) / abs(ref[s]) for s in tail]
-    mean_diff = abs(sum(logged[s] for s in tail) - sum(ref[s] for s in tail)) / sum(ref[s] for s in tail)
-    assert mean_diff < LOSS_TOLERANCE, (mean_diff, after)
+    diffs = {s: abs(logged[s] - ref[s]) / abs(ref[s]) for s in ref}
+    if stage == 2:
+        assert logged == ref, diffs
+    else:
+        for steps, tolerance in ZERO3_TOLERANCE.items():
+            assert max(diffs[s] for s in steps) < tolerance, (steps, diffs)
 
     if stage == 2:  # every rank holds the full weights: compare them across each re-partition
         first_after_resume = run2.criterion_records(0)[0]["params_sha256"]
@@ -155,9 +160,7 @@ def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, stage, 
         exported = export_checkpoint(checkpoints, "step_8", stage, tmp_path / "step_8.safetensors")
         assert run3.criterion_records(0)[0]["params_sha256"] == _weights_digest(exported)
         assert torch.isfinite(torch.tensor(list(logged.values()))).all()
-    print(f"ZeRO-{stage}: {len(seen)} images once; steps 1-4 max relative loss difference {before:.1e}; "
-          f"steps 5-12: mean loss {mean_diff:.4f} relative, per step up to {max(after):.4f}")
+    print(f"ZeRO-{stage}: {len(seen)} images once; relative loss difference per step "
+          f"{[f'{diffs[s]:.1e}' for s in sorted(diffs)]}")
     record(f"elastic_zero{stage}", faults_injected=int(stage == 2), samples_checked=len(seen),
-           data_lost=len(twice) + len(missed), loss_relative_diff_before_resume=before,
-           mean_loss_relative_diff_after_resume=round(mean_diff, 4),
-           step_loss_max_relative_diff_after_resume=round(max(after), 4), **outcome)
+           data_lost=len(twice) + len(missed), loss_max_relative_diff=max(diffs.values()), **outcome)

@@ -200,7 +200,7 @@ class Restored:
     saved_world: int
     # this rank's saved state (same number of ranks), else None
     rank_state: dict[str, Any] | None
-    # every saved rank's state, in rank order (another number of ranks), else None
+    # every saved rank's state, in rank order (None: a rank's file is missing, same number of ranks)
     all_rank_states: list[dict[str, Any]] | None
 
 
@@ -242,6 +242,22 @@ def check_compatible(directory: Path, config: dict[str, Any]) -> None:
         raise IncompatibleCheckpointError(
             f"checkpoint {directory} was written for another model ({listed}); resume with its settings, "
             f"or start in another paths.output_dir / paths.checkpoint_dir")
+
+
+def _repair_zero3_universal_load(optimizer: torch.optim.Optimizer, hyperparameters: list[dict[str, Any]]) -> None:
+    """Undo two things DeepSpeed's ZeRO-3 universal loader
+    (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`) does to the optimizer:
+    - it gives every param group the hyperparameters of the first (the backbone's lower LR and
+      its name went to every group): `hyperparameters`, taken before the load, go back;
+    - it stores one `step` tensor object in every parameter's Adam state; torch increments it
+      in place once per sub-group step, so the second and third groups' bias corrections ran
+      ahead (the losses drifted 0.2-3% from the uninterrupted run's). Each gets its own copy.
+    Both are no-ops after the other stages' loads."""
+    for group, saved in zip(optimizer.param_groups, hyperparameters):
+        group.update(saved)
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def convert_to_universal(directory: Path) -> Path:
@@ -334,25 +350,27 @@ class CheckpointManager:
             if dist_utils.rank() == 0:
                 convert_to_universal(directory)
             dist_utils.barrier()
+            optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer
+            hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             with _torch_load_weights_only():
                 _, client_state = engine.load_checkpoint(
                     str(directory), tag=UNIVERSAL_DIR, load_optimizer_states=True, load_lr_scheduler_states=False)
+            _repair_zero3_universal_load(optimizer, hyperparameters)
         else:
             _, client_state = engine.load_checkpoint(
                 str(self.root), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=False)
         if client_state is None:
             raise IncompatibleCheckpointError(f"DeepSpeed found no checkpoint to load in {directory}")
         rank_dir = directory / "rank_state"
-        if source.saved_world == world:
-            rank_file = rank_dir / f"rank{dist_utils.rank()}.pt"
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else None
-            return Restored(client_state, source.saved_world, rank_state, None)
         files = [rank_dir / f"rank{r}.pt" for r in range(source.saved_world)]
         missing = [f.name for f in files if not f.is_file()]
-        if missing:
+        if missing and source.saved_world != world:
             raise IncompatibleCheckpointError(f"{directory} lacks the per-rank state of {missing}")
-        states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-        return Restored(client_state, source.saved_world, None, states)
+        # every rank's state (small: RNG and loader position): a data layout that changes
+        # continues from the positions of all of them
+        states = None if missing else [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        own = states[dist_utils.rank()] if states is not None and source.saved_world == world else None
+        return Restored(client_state, source.saved_world, own, states)
 
     def _prune(self) -> None:
         complete = list_checkpoints(self.root)

@@ -1,24 +1,36 @@
 """The DeepSpeed training loop shared by pretraining and fine-tuning.
 
-One optimizer step = `gradient_accumulation_steps` micro-batches per rank. Per micro-batch:
+One optimizer step = `gradient_accumulation_steps` micro-batches per rank, fetched together
+(`dino_scale.data.layout.StepLoader`: the same micro-batches make up each global step
+whatever the number of ranks):
 
-1. fetch a batch; one all-reduce tells every rank whether any rank ran out of data (end of
-   the epoch for all: ranks never wait on a collective the others skipped) or was asked to
-   stop (SIGTERM: checkpoint, then exit);
-2. forward + loss; a second all-reduce tells whether the loss is finite on every rank.
-   If not, no rank calls backward/step: the micro-batch is skipped and counted, and after
-   `optim.max_consecutive_skipped_steps` skips in a row training stops with an error.
-3. `engine.backward`, `engine.step` (DeepSpeed accumulates and clips at 0.1). A finite loss
-   can still have non-finite gradients: under ZeRO 1-3 DeepSpeed's overflow check refuses
-   such a step (`was_step_applied()`, counted as skipped too); ZeRO-0 has no such check in
-   fp32/bf16, so there the trainer checks the reduced gradients before `engine.step`.
+1. fetch the step's micro-batches; one all-reduce tells every rank whether any rank ran out
+   of data (end of the epoch for all: ranks never wait on a collective the others skipped)
+   or was asked to stop (SIGTERM: checkpoint, then exit), and counts the step's images and
+   target boxes;
+2. per micro-batch: seed the random draws from the micro-batch's key (denoising noise,
+   dropout), forward + loss, normalised by the step's boxes per micro-batch (the official
+   normaliser, boxes averaged over ranks, taken over the whole step: the gradient is the
+   same sum over the global batch / its box count under any split into ranks and
+   micro-batches); a second all-reduce tells whether the loss is finite on every rank. If
+   not, no rank calls backward: the step is skipped and counted, and after
+   `optim.max_consecutive_skipped_steps` skips in a row training stops with an error;
+3. `engine.backward`, `engine.step` (DeepSpeed accumulates and clips at 0.1; the trainer
+   marks the step's last micro-batch as the accumulation boundary). A finite loss can still
+   have non-finite gradients: under ZeRO 1-3 DeepSpeed's overflow check refuses such a step
+   (`was_step_applied()`, counted as skipped too); ZeRO-0 has no such check in fp32/bf16,
+   so there the trainer checks the reduced gradients before `engine.step`. The logged loss
+   terms are the step's means over all ranks and micro-batches.
 
 Checkpoints every `train.checkpoint_every_steps` optimizer steps, on SIGTERM, and at the
 end; a run resumes by itself from the latest complete one in the checkpoint directory, on
 any number of ranks (elastic resume): weights and optimizer state are re-partitioned
 (`checkpoint.CheckpointManager.load`), and the loader continues the epoch from the position
 every rank had *trained* (the state after the last completed optimizer step, not what was
-prefetched or fetched since). The global sample count is the truth: the schedule counts
+prefetched or fetched since). With the same micro-batch and global batch the run keeps the
+data layout of its first start (`DataLayout`): the steps after the resume train the samples
+the uninterrupted run would have; otherwise the rest of the epoch is split anew (no sample
+twice, none skipped) and the new layout holds from then on. The global sample count is the truth: the schedule counts
 optimizer steps of the run's first global batch (`schedule_steps` advances by
 global batch / first global batch per step, i.e. by 1 while it is unchanged); a resume
 that changes the global batch is refused unless `train.allow_global_batch_change`.
@@ -26,6 +38,7 @@ that changes the global batch is refused unless `train.allow_global_batch_change
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +55,7 @@ from dino_scale import models
 from dino_scale.config import Config, config_to_dict
 from dino_scale.data import ResumableLoader, build_eval_loader, build_train_loader
 from dino_scale.data.categories import dataset_categories
+from dino_scale.data.layout import DataLayout, MicroBatch, StepLoader, saved_positions
 from dino_scale.engine import distributed as dist_utils
 from dino_scale.engine.batching import outputs_to_float
 from dino_scale.engine.checkpoint import (
@@ -81,7 +95,8 @@ class Components:
 
     model: nn.Module | None = None
     criterion: Callable[[Any, list[dict]], dict[str, torch.Tensor]] | None = None
-    # (epoch) -> loader over this rank's share
+    # (epoch) -> loader over this rank's share (default: the config's data; a custom loader
+    # cannot continue an epoch on another number of ranks)
     train_loader: Callable[[int], ResumableLoader] | None = None
     # () -> eval loader over this rank's share, or None when there is no eval set
     eval_loader: Callable[[], Iterable[Any] | None] | None = None
@@ -138,9 +153,8 @@ class Trainer:
         self.schedule_batch = 0  # the global batch of the run's first start: the schedule's unit
         self.schedule_steps = 0.0  # optimizer steps of schedule_batch samples trained so far
         self.resume_source: ResumeSource | None = None
+        self.data_layout: DataLayout | None = None  # the split of the global batch that orders the data
         self._trained_position: dict[str, Any] | None = None  # loader state after the last finished step
-        self._loader: ResumableLoader | None = None
-        self._loader_epoch = -1
         self._iterator: Any = None
 
     # ---------------------------------------------------------------- set-up
@@ -158,14 +172,13 @@ class Trainer:
             comp.criterion = models.build_criterion(cfg.model)
         if comp.postprocess is None:
             comp.postprocess = models.PostProcess(cfg.model.num_select)
-        if comp.train_loader is None:
-            comp.train_loader = self._default_train_loader
         if comp.eval_loader is None:
             comp.eval_loader = self._default_eval_loader
         if comp.categories is None:
             comp.categories = dataset_categories(cfg.data)
         model = comp.model.to(self.device)
         self.global_batch = self.schedule_batch = self.micro_batch * self.accum * self.world
+        self.data_layout = DataLayout(self.world, self.micro_batch, self.accum, cfg.data.num_workers)
         self.resume_source = self.checkpoints.resume_source() if cfg.train.auto_resume else None
         if self.resume_source is not None:
             check_compatible(self.resume_source.directory, config_to_dict(cfg))
@@ -195,11 +208,20 @@ class Trainer:
         self.metrics = TrainingMetrics(cfg.metrics, self.rank, dist_utils.local_rank())
         self.metrics.serve(self.output_dir / "metrics")
 
-    def _default_train_loader(self, epoch: int) -> ResumableLoader:
-        return build_train_loader(
-            self.cfg.data, batch_size=self.micro_batch, rank=self.rank, world_size=self.world,
-            seed=self.cfg.train.seed, epoch=epoch,
-        )
+    def _canonical_loader(self, epoch: int, layout: DataLayout, rank: int) -> ResumableLoader:
+        """The loader of rank `rank` of `layout` (this rank's own when the layout is this run's)."""
+        custom = self.components.train_loader
+        if custom is not None:
+            if layout.ranks != self.world or rank != self.rank:
+                raise IncompatibleCheckpointError(
+                    f"the custom train loader reads this rank's share only; the checkpoint's data layout "
+                    f"({layout.ranks} ranks x {layout.accumulation} micro-batches) needs rank {rank}'s")
+            return custom(epoch)
+        data = self.cfg.data
+        if data.num_workers != layout.workers:
+            data = dataclasses.replace(data, num_workers=layout.workers)
+        return build_train_loader(data, batch_size=layout.micro_batch, rank=rank, world_size=layout.ranks,
+                                  seed=self.cfg.train.seed, epoch=epoch)
 
     def _default_eval_loader(self) -> Iterable[Any] | None:
         if not (self.cfg.data.val_images and self.cfg.data.val_annotations):
@@ -216,12 +238,12 @@ class Trainer:
             "images_seen": self.images_seen, "train_seconds": self.train_seconds,
             "global_batch": self.global_batch, "schedule_batch": self.schedule_batch,
             "schedule_steps": self.schedule_steps, "config": config_to_dict(self.cfg),
+            "data_layout": self.data_layout.as_dict(),
         }
 
     def save_checkpoint(self) -> Path:
         started = time.perf_counter()
-        rank_state = {"rng": capture_rng_state(), "loader": self._trained_position,
-                      "loader_epoch": self._loader_epoch}
+        rank_state = {"rng": capture_rng_state(), "loader": self._trained_position}
         directory = self.checkpoints.save(self.engine, self.step, self._client_state(), rank_state)
         seconds = time.perf_counter() - started
         self.metrics.checkpoint_seconds.observe(seconds)
@@ -235,9 +257,9 @@ class Trainer:
             return found[1]
         return self.save_checkpoint()
 
-    def _resume(self) -> list[dict[str, Any]] | dict[str, Any] | None:
-        """Restore from `self.resume_source`; returns this rank's saved state (same number of
-        ranks), every saved rank's state (another number), or None."""
+    def _resume(self) -> list[dict[str, Any]] | None:
+        """Restore from `self.resume_source`; returns every saved rank's loader position (None
+        when there is no checkpoint or it was taken between epochs)."""
         source = self.resume_source
         if source is None:
             return None
@@ -250,19 +272,24 @@ class Trainer:
                 setattr(self, key, client[key])
         if "schedule_steps" not in client:  # a checkpoint from before the schedule followed samples
             self.schedule_steps = float(self.step)
+        saved_layout = DataLayout(**client["data_layout"]) if client.get("data_layout") else None
+        if saved_layout is not None and saved_layout.serves(self.world, self.micro_batch, self.accum):
+            self.data_layout = saved_layout
+        elif saved_layout is not None:
+            log.info("data layout %s -> %s: the rest of the epoch is split anew", saved_layout, self.data_layout)
         log.info("resumed from %s: step %d, epoch %d, %d images trained", source.directory, self.step,
                  self.epoch, self.images_seen)
-        if restored.rank_state is not None:
-            restore_rng_state(restored.rank_state["rng"])
-            return restored.rank_state
-        if restored.all_rank_states is None:
-            return None
         states = restored.all_rank_states
-        if self.rank < len(states):
-            restore_rng_state(states[self.rank]["rng"])
+        own = restored.rank_state
+        if own is None and states is not None and self.rank < len(states):
+            own = states[self.rank]
+        if own is not None:
+            restore_rng_state(own["rng"])
         else:  # a rank the checkpoint did not have: its own stream, the same on every such resume
             dist_utils.seed_everything(self.cfg.train.seed + 7919 * self.rank + self.step)
-        return states
+        if states is None or any(s.get("loader") is None for s in states):
+            return None
+        return [s["loader"] for s in states]
 
     def _check_global_batch(self, client: dict[str, Any], saved_world: int) -> None:
         saved = int(client.get("global_batch") or self.global_batch)
@@ -319,10 +346,7 @@ class Trainer:
         saved = self._resume()
         preempted = False
         while not self._done():
-            loader = self.components.train_loader(self.epoch)
-            loader.set_epoch(self.epoch)
-            self._restore_position(loader, saved)
-            self._loader, self._loader_epoch = loader, self.epoch
+            loader = self._epoch_loader(saved)
             self._trained_position = loader.state_dict()
             saved = None
             self.metrics.epoch.set(self.epoch)
@@ -348,47 +372,56 @@ class Trainer:
         export_path = self.export() if self.cfg.train.export_at_end else None
         return self._result(preempted=False, export_path=export_path)
 
-    def _restore_position(self, loader: ResumableLoader,
-                          saved: list[dict[str, Any]] | dict[str, Any] | None) -> None:
-        """This epoch's position from the checkpoint: this rank's own (same number of ranks)
-        or the one continuing what every saved rank had trained (another number)."""
-        if isinstance(saved, dict):
-            if saved.get("loader") is not None and saved.get("loader_epoch") == self.epoch:
-                loader.load_state_dict(saved["loader"])
-            return
-        if not saved:
-            return
-        if {s.get("loader_epoch") for s in saved} != {self.epoch} or any(s.get("loader") is None for s in saved):
-            return  # the checkpoint was taken at an epoch's end: this epoch starts afresh
-        resume_from_ranks = getattr(loader, "resume_from_ranks", None)
+    def _step_loader(self, layout: DataLayout, relayouts: int = 0) -> StepLoader:
+        return StepLoader(lambda rank: self._canonical_loader(self.epoch, layout, rank), layout, rank=self.rank,
+                          world=self.world, accumulation=self.accum, epoch=self.epoch, relayouts=relayouts)
+
+    def _epoch_loader(self, saved: list[dict[str, Any]] | None) -> StepLoader:
+        """This epoch's loader: from its start, or, resumed mid-epoch, after the steps every saved
+        rank had trained: in the saved data layout when this run can serve it, else over the
+        rest of the epoch split anew in this run's layout."""
+        positions = saved_positions(saved) if saved else None
+        if positions is None or positions.epoch != self.epoch:
+            return self._step_loader(self.data_layout)
+        if positions.layout == self.data_layout:
+            loader = self._step_loader(self.data_layout, positions.relayouts)
+            loader.load_positions(positions.loaders, positions.steps)
+            return loader
+        old = positions.layout
+        loader = self._step_loader(self.data_layout, positions.relayouts + 1)
+        (own,) = loader.loaders.values()  # this run's own layout: one loader, this rank's
+        if old.ranks == self.world and old.micro_batch == self.micro_batch and old.workers == self.data_layout.workers:
+            own.load_state_dict(positions.loaders[self.rank])  # each rank continues its own share
+            return loader
+        resume_from_ranks = getattr(own, "resume_from_ranks", None)
         if resume_from_ranks is None:
             raise IncompatibleCheckpointError(
-                f"{type(loader).__name__} cannot continue an epoch on another number of ranks (no resume_from_ranks)")
-        resume_from_ranks([s["loader"] for s in saved])
+                f"{type(own).__name__} cannot continue an epoch in another data layout (no resume_from_ranks)")
+        resume_from_ranks([positions.loaders[c] for c in range(old.ranks)])
+        return loader
 
-    def _train_epoch(self, loader: ResumableLoader) -> str:
+    def _train_epoch(self, loader: StepLoader) -> str:
         """Returns "epoch_end", "done" (step budget reached) or "preempted"."""
-        cfg = self.cfg
         iterator = self._iterator = iter(loader)
-        engine = self.engine
         while True:
             if self._done():
                 return "done"
             tick = time.perf_counter()
-            batch = None
+            step = None
             if not self.preemption.poll():
                 try:
-                    batch = next(iterator)
+                    step = next(iterator)
                 except StopIteration:
-                    batch = None
+                    step = None
                 except Exception:
                     if not self.preemption.requested:  # loader workers die with us on SIGTERM
                         raise
             data_wait = time.perf_counter() - tick
             stop_requested = self.preemption.poll()
-            exhausted, stop, images_all_ranks = dist_utils.all_reduce_sum(
-                [float(batch is None and not stop_requested), float(stop_requested),
-                 float(len(batch.targets)) if batch is not None else 0.0],
+            targets = [t for micro in step for t in micro.batch.targets] if step else []
+            exhausted, stop, images_all_ranks, boxes_all_ranks = dist_utils.all_reduce_sum(
+                [float(step is None and not stop_requested), float(stop_requested), float(len(targets)),
+                 float(sum(len(t["labels"]) for t in targets))],
                 self.device,
             )
             if stop > 0:
@@ -396,43 +429,58 @@ class Trainer:
                 return "preempted"
             if exhausted > 0:
                 return "epoch_end"
-
-            batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
-            images, masks, targets = batch.images, batch.masks, batch.targets
-            boundary = engine.is_gradient_accumulation_boundary()
-            if boundary:
-                apply_lr(self.optimizer, lr_factor(cfg.optim, self._schedule_step(), self.epoch))
-            outputs = engine(images, masks, targets)
-            losses = self.components.criterion(outputs_to_float(outputs), targets)
-            loss = losses["loss"]
-            (nonfinite,) = dist_utils.all_reduce_sum([float(not torch.isfinite(loss).item())], self.device)
-            if nonfinite > 0:
-                self._skip(f"non-finite loss on {int(nonfinite)} rank(s)", loader)
-                continue
-            engine.backward(loss)
-            if boundary and self.cfg.deepspeed.zero_stage == 0 and not self._gradients_finite():
-                self._skip("non-finite gradients", loader)
-                continue
-            engine.step()
+            # the official normaliser (a micro-batch's boxes, averaged over ranks), over the whole step
+            num_boxes = max(boxes_all_ranks / (self.world * self.accum), 1.0)
+            terms = self._train_step(step, num_boxes, loader)
             step_seconds = time.perf_counter() - tick
             self.images_seen += int(images_all_ranks)
             self.train_seconds += step_seconds
-            if not boundary:
-                continue
-            if not engine.was_step_applied():
-                self._skip("DeepSpeed refused the step (non-finite gradients)", loader)
+            if terms is None:
                 continue
             self._trained_position = loader.state_dict()
             self.consecutive_skipped = 0
             self.step += 1
             self.schedule_steps += self.global_batch / self.schedule_batch
             self.metrics.observe_data(loader.stats())
-            self._log_step(losses, step_seconds, data_wait, images.shape[0])
+            self._log_step(terms, step_seconds, data_wait, len(targets))
             self.metrics.steps.inc()  # last: a scrape that sees the step sees all its metrics
-            if self.step % cfg.train.checkpoint_every_steps == 0:
+            if self.step % self.cfg.train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
-            if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0:
+            if self.cfg.train.eval_every_steps and self.step % self.cfg.train.eval_every_steps == 0:
                 self._evaluate_and_track()
+
+    def _train_step(self, step: list[MicroBatch], num_boxes: float, loader: StepLoader) -> dict[str, float] | None:
+        """Forward, backward and the optimizer step over this rank's micro-batches of one
+        global step; returns the loss terms' means over all ranks and micro-batches, or None
+        when the step was skipped."""
+        engine = self.engine
+        apply_lr(self.optimizer, lr_factor(self.cfg.optim, self._schedule_step(), self.epoch))
+        sums: dict[str, float] = {}
+        for i, micro in enumerate(step):
+            boundary = i == len(step) - 1
+            engine.set_gradient_accumulation_boundary(boundary)
+            torch.manual_seed(micro.key)  # the micro-batch's draws, whatever the layout
+            batch = micro.batch.to(self.device, dtype=self.dtype, non_blocking=True)
+            outputs = engine(batch.images, batch.masks, batch.targets)
+            losses = self.components.criterion(outputs_to_float(outputs), batch.targets, num_boxes=num_boxes)
+            loss = losses["loss"]
+            (nonfinite,) = dist_utils.all_reduce_sum([float(not torch.isfinite(loss).item())], self.device)
+            if nonfinite > 0:
+                self._skip(f"non-finite loss on {int(nonfinite)} rank(s)", loader)
+                return None
+            engine.backward(loss)
+            if boundary and self.cfg.deepspeed.zero_stage == 0 and not self._gradients_finite():
+                self._skip("non-finite gradients", loader)
+                return None
+            engine.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        if not engine.was_step_applied():
+            self._skip("DeepSpeed refused the step (non-finite gradients)", loader)
+            return None
+        names = sorted(sums)
+        means = dist_utils.all_reduce_sum([sums[n] for n in names], self.device)
+        return {n: m / (self.world * len(step)) for n, m in zip(names, means)}
 
     def _close_iterator(self) -> None:
         """Stop the loader's workers now. After an exception the traceback would keep them
@@ -451,7 +499,7 @@ class Trainer:
         (nonfinite,) = dist_utils.all_reduce_sum([float(not finite)], self.device)
         return nonfinite == 0
 
-    def _skip(self, why: str, loader: ResumableLoader) -> None:
+    def _skip(self, why: str, loader: StepLoader) -> None:
         self._trained_position = loader.state_dict()  # read and given up on: not to be read again
         self.skipped_total += 1
         self.consecutive_skipped += 1
@@ -467,9 +515,7 @@ class Trainer:
                 f"from an earlier checkpoint); limit optim.max_consecutive_skipped_steps={limit}"
             )
 
-    def _log_step(self, losses: dict[str, torch.Tensor], step_seconds: float, data_wait: float,
-                  images: int) -> None:
-        terms = {k: float(v.detach()) for k, v in losses.items()}
+    def _log_step(self, terms: dict[str, float], step_seconds: float, data_wait: float, images: int) -> None:
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None

@@ -147,13 +147,16 @@ class SetCriterion(nn.Module):
 
     # -- the whole set ----------------------------------------------------------------------
 
-    def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: Targets, num_boxes: float | None = None) -> dict[str, torch.Tensor]:
+        """num_boxes: the normaliser; default `global_num_boxes(targets)` (the official one). The
+        trainer passes the mean over a global step's micro-batches when it accumulates."""
         pred_logits = outputs["pred_logits"]
         if len(targets) != pred_logits.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {pred_logits.shape[0]}")
         self._check_targets(targets)
         device = pred_logits.device
-        num_boxes = global_num_boxes(targets, device)
+        if num_boxes is None:
+            num_boxes = global_num_boxes(targets, device)
 
         losses: dict[str, torch.Tensor] = {}
         indices = self.matcher(outputs, targets)
