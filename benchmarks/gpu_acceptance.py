@@ -433,7 +433,7 @@ def child_swinl(args: argparse.Namespace) -> dict[str, Any]:
     ])
     batch = synthetic_batch(args.swinl_images, height, width, cfg.model.num_classes, boxes_per_image=20)
     categories = [{"id": i, "name": f"class_{i}"} for i in range(1, cfg.model.num_classes)]
-    trainer = Trainer(cfg, Components(train_loader=lambda epoch: [batch], categories=categories))
+    trainer = Trainer(cfg, Components(train_loader=lambda epoch, rank, world: [batch], categories=categories))
     progress(f"swinl {args.variant}: config loaded, setting up")
     trainer.setup()
     progress("swinl: model and DeepSpeed engine ready")

@@ -56,12 +56,13 @@ class TinyCriterion:
 
 class TinyLoader:
     """Deterministic per (seed, rank, epoch) stream with a resumable position; draws its
-    augmentation noise from the global torch RNG so that RNG restore matters."""
+    augmentation noise from the global torch RNG so that RNG restore matters (unless
+    `global_noise` is False: a loader of another rank's share then gives that rank's batches)."""
 
     def __init__(self, num_batches: int, batch_size: int, rank: int, seed: int, epoch: int = 0,
-                 size: int = 16) -> None:
+                 size: int = 16, global_noise: bool = True) -> None:
         self.num_batches, self.batch_size, self.rank, self.seed = num_batches, batch_size, rank, seed
-        self.epoch, self.position, self.size = epoch, 0, size
+        self.epoch, self.position, self.size, self.global_noise = epoch, 0, size, global_noise
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -82,7 +83,8 @@ class TinyLoader:
             g = torch.Generator().manual_seed(self.seed * 7919 + self.rank * 131 + self.epoch * 17 + self.position)
             n = self.size
             images = torch.rand(self.batch_size, 3, n, n, generator=g)
-            images = images + 0.01 * torch.randn(images.shape)  # global RNG
+            noise = torch.randn(images.shape, generator=None if self.global_noise else g)  # global RNG
+            images = images + 0.01 * noise
             targets = [{"boxes": torch.rand(2, 4, generator=g) * 0.5 + 0.25,
                         "labels": torch.randint(0, 5, (2,), generator=g),
                         "image_id": torch.tensor(i), "orig_size": torch.tensor([n, n]),

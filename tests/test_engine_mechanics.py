@@ -31,7 +31,7 @@ def _components(nan_calls=None, batches_per_epoch: int = 4, nan_grad_calls=None)
     torch.manual_seed(0)
     return Components(
         model=TinyDetector(), criterion=TinyCriterion(nan_calls, nan_grad_calls),
-        train_loader=lambda epoch: TinyLoader(batches_per_epoch, 2, rank=0, seed=3, epoch=epoch),
+        train_loader=lambda epoch, rank, world: TinyLoader(batches_per_epoch, 2, rank=rank, seed=3, epoch=epoch),
         eval_loader=lambda: None, postprocess=torch.nn.Identity(),
         categories=[{"id": i, "name": f"c{i}"} for i in range(5)],
     )
@@ -148,7 +148,7 @@ def test_real_dino_trains_identically_under_zero2_and_zero3(tmp_path):
     dataclass outputs); with them the fp32 losses match ZeRO-2's."""
     from dino_scale.data.collate import Batch
 
-    def batches(epoch):
+    def batches(epoch, rank, world):
         class Loader(TinyLoader):
             def __iter__(self):
                 g = torch.Generator().manual_seed(epoch)

@@ -58,7 +58,7 @@ def test_tampered_training_checkpoint_is_refused_on_resume(tmp_path):
 
     def components() -> Components:
         return Components(model=TinyDetector(), criterion=TinyCriterion(),
-                          train_loader=lambda epoch: TinyLoader(4, 2, rank=0, seed=3, epoch=epoch),
+                          train_loader=lambda epoch, rank, world: TinyLoader(4, 2, rank=rank, seed=3, epoch=epoch),
                           eval_loader=lambda: None, postprocess=torch.nn.Identity(),
                           categories=[{"id": i, "name": f"c{i}"} for i in range(5)])
 

@@ -81,7 +81,7 @@ def _train_losses(out: Path, stage: int, *overrides: str) -> list[float]:
     torch.manual_seed(0)
     components = Components(
         model=build_dino(cfg.model), criterion=build_criterion(cfg.model), eval_loader=lambda: None,
-        train_loader=lambda epoch: TinyLoader(3, 2, rank=0, seed=3, epoch=epoch, size=64),
+        train_loader=lambda epoch, rank, world: TinyLoader(3, 2, rank=rank, seed=3, epoch=epoch, size=64),
         categories=[{"id": i, "name": f"c{i}"} for i in range(11)],
     )
     train(cfg, components)

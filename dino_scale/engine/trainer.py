@@ -95,9 +95,9 @@ class Components:
 
     model: nn.Module | None = None
     criterion: Callable[[Any, list[dict]], dict[str, torch.Tensor]] | None = None
-    # (epoch) -> loader over this rank's share (default: the config's data; a custom loader
-    # cannot continue an epoch on another number of ranks)
-    train_loader: Callable[[int], ResumableLoader] | None = None
+    # (epoch, rank, world_size) -> the loader of that rank of a run of world_size ranks
+    # (default: the config's data); the trainer asks for other ranks' loaders after an elastic resume
+    train_loader: Callable[[int, int, int], ResumableLoader] | None = None
     # () -> eval loader over this rank's share, or None when there is no eval set
     eval_loader: Callable[[], Iterable[Any] | None] | None = None
     postprocess: nn.Module | None = None
@@ -210,13 +210,8 @@ class Trainer:
 
     def _canonical_loader(self, epoch: int, layout: DataLayout, rank: int) -> ResumableLoader:
         """The loader of rank `rank` of `layout` (this rank's own when the layout is this run's)."""
-        custom = self.components.train_loader
-        if custom is not None:
-            if layout.ranks != self.world or rank != self.rank:
-                raise IncompatibleCheckpointError(
-                    f"the custom train loader reads this rank's share only; the checkpoint's data layout "
-                    f"({layout.ranks} ranks x {layout.accumulation} micro-batches) needs rank {rank}'s")
-            return custom(epoch)
+        if self.components.train_loader is not None:
+            return self.components.train_loader(epoch, rank, layout.ranks)
         data = self.cfg.data
         if data.num_workers != layout.workers:
             data = dataclasses.replace(data, num_workers=layout.workers)
