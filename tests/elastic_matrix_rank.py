@@ -1,10 +1,11 @@
 """One rank of the elastic-resume matrix (tests/test_elastic_resume.py), run by the DeepSpeed
 launcher: for each (ZeRO stage, precision) case, the trainer with the tiny stand-in model.
 
-    --phase first   (2 ranks) per case: an uninterrupted run of 8 steps in <out>/<case>/reference,
+    --phase first   (2 ranks) per case: an uninterrupted run of 12 steps in <out>/<case>/reference,
                     and 4 steps in <out>/<case>/chain
-    --phase resume  (1 rank, 2 accumulation steps: the same global batch) per case: the chain
+    --phase shrink  (1 rank, 2 accumulation steps: the same global batch) per case: the chain
                     resumed to step 8
+    --phase grow    (2 ranks) per case: the chain resumed to step 12, the end of the epoch
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def run(out: Path, stage: int, precision: str, steps: int, accumulation: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--phase", choices=["first", "resume"], required=True)
+    parser.add_argument("--phase", choices=["first", "shrink", "grow"], required=True)
     parser.add_argument("--cases", nargs="+", required=True, help="stage:precision, e.g. 1:bf16")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -51,10 +52,12 @@ def main() -> None:
         stage, precision = case.split(":")
         base = Path(args.out) / f"zero{stage}_{precision}"
         if args.phase == "first":
-            run(base / "reference", int(stage), precision, 8, 1)
+            run(base / "reference", int(stage), precision, 12, 1)
             run(base / "chain", int(stage), precision, 4, 1)
-        else:
+        elif args.phase == "shrink":
             run(base / "chain", int(stage), precision, 8, 2)
+        else:
+            run(base / "chain", int(stage), precision, 12, 1)
 
 
 if __name__ == "__main__":

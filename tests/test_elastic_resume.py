@@ -1,20 +1,20 @@
-"""Elastic resume with the real DeepSpeed launcher (CPU ranks, the small DINO, demo shards):
-one epoch of 48 images trained as a chain 2 ranks -> 1 rank -> 2 ranks, global batch 4
-throughout (2 ranks x 2 images, then 1 rank x 2 images x 2 accumulation steps, then 2 x 2),
-under ZeRO-2 and ZeRO-3. The ZeRO-2 chain starts with a fault: rank 1 is SIGKILLed inside
-step 5, and the job is restarted on the one rank left.
+"""Elastic resume with the real DeepSpeed launcher (CPU ranks).
 
-Checked: every image of the epoch is trained exactly once over the chain (by image id, from
-what each rank's criterion saw, counting only the steps a checkpoint kept); the resumes log
-what they re-partitioned; ZeRO-2 weights are bit-identical across each re-partition (every
-rank holds them whole; under ZeRO-3 a rank holds a shard only); the logged losses (the means
-over the global batch) equal the uninterrupted 2-rank ZeRO-2 run's at every step:
-bit-identical under ZeRO-2 (the one rank trains the same micro-batches, with the same
-denoising noise and normaliser, and sums the 2 gradients in the order the all-reduce did).
-ZeRO-3 reduces in another order: within ZERO3_TOLERANCE of the ZeRO-2 run, which an
-uninterrupted 2-rank ZeRO-3 run matches to the last bit at every step (measured 2026-11-30:
-both deviate from ZeRO-2 by <= 1e-7 through step 8, then 2e-6, 2e-5, 1.2e-3, 2.5e-3, as
-training amplifies the difference).
+The small DINO on demo shards: one epoch of 48 images trained as a chain 2 ranks -> 1 rank ->
+2 ranks under ZeRO-2, global batch 4 throughout (2 ranks x 2 images, then 1 rank x 2 images
+x 2 accumulation steps, then 2 x 2); the chain starts with a fault: rank 1 is SIGKILLed
+inside step 5, and the job is restarted on the one rank left. Checked: every image of the
+epoch is trained exactly once over the chain (by image id, from what each rank's criterion
+saw, counting only the steps a checkpoint kept); the resumes log what they re-partitioned;
+the weights are bit-identical across each re-partition; the logged losses (means over the
+global batch) are bit-identical to an uninterrupted 2-rank run's at every step (the one rank
+trains the same micro-batches, with the same denoising noise and normaliser, and sums the 2
+gradients in the order the all-reduce did).
+
+A matrix over ZeRO stages and precisions with a tiny stand-in model (3 launches in all):
+the same chain, bit-identical losses. (The real DINO under ZeRO-3 compared with a ZeRO-2 run
+deviates by <= 1e-7 through step 8, then up to 2.5e-3, as training amplifies another
+reduction order; an uninterrupted ZeRO-3 run deviates identically, 2026-11-30.)
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from dino_scale.config import dump_config, load_config
@@ -41,8 +40,6 @@ from launch_helpers import DEEPSPEED, REPO, env, free_port, small_overrides, tin
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 STEPS_PER_EPOCH = 12  # 48 images, global batch 4
-# ZeRO-3 vs the ZeRO-2 reference, relative loss difference: steps 1-8, then 9-12 (see above)
-ZERO3_TOLERANCE = {range(1, 9): 1e-6, range(9, STEPS_PER_EPOCH + 1): 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -101,44 +98,38 @@ def _weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, stage, tmp_path):
+def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, tmp_path):
     out = tmp_path / "chain"
-    zero = f"deepspeed.zero_stage={stage}"
+    zero = "deepspeed.zero_stage=2"
     checkpoints = out / "checkpoints"
     outcome: dict[str, float] = {}
 
-    # 1. two ranks. ZeRO-2: rank 1 is killed inside step 5 (the launcher ends the job); ZeRO-3: stop at step 4
-    if stage == 2:
-        flag, release = tmp_path / "held", tmp_path / "release"
-        rec1 = tmp_path / "rec1"
+    # 1. two ranks; rank 1 is killed inside step 5 (the launcher ends the job)
+    flag, release = tmp_path / "held", tmp_path / "release"
+    rec1 = tmp_path / "rec1"
 
-        def kill_rank1(proc):
-            wait_for(flag.exists, proc, 300, "rank 1 to reach step 5")
-            os.kill(int((rec1 / "rank1.pid").read_text()), signal.SIGKILL)
-            outcome["sigkill_exit_seconds"] = exit_within(proc, 60)
+    def kill_rank1(proc):
+        wait_for(flag.exists, proc, 300, "rank 1 to reach step 5")
+        os.kill(int((rec1 / "rank1.pid").read_text()), signal.SIGKILL)
+        outcome["sigkill_exit_seconds"] = exit_within(proc, 60)
 
-        run1 = launch(_args(out, setup, 2, zero), rec1, tmp_path / "run1.log", config=setup["config"],
-                      faults={"hold": {"rank": 1, "call": 4, "flag": str(flag), "release": str(release)}},
-                      during=kill_rank1)
-        assert run1.returncode != 0
-    else:
-        run1 = launch(_args(out, setup, 2, zero, "optim.max_steps=4"), tmp_path / "rec1", tmp_path / "run1.log",
-                      config=setup["config"])
-        assert run1.returncode == 0, run1.output[-4000:]
+    run1 = launch(_args(out, setup, 2, zero), rec1, tmp_path / "run1.log", config=setup["config"],
+                  faults={"hold": {"rank": 1, "call": 4, "flag": str(flag), "release": str(release)}},
+                  during=kill_rank1)
+    assert run1.returncode != 0
     assert [s for s, _ in list_checkpoints(checkpoints)][-1] == 4
 
-    # 2. one rank, same global batch (1 x 4), two loader workers: to step 8
+    # 2. the one rank left, same global batch (1 x 2 x 2 accumulation steps): to step 8
     run2 = launch(_args(out, setup, 1, zero, "optim.max_steps=8"), tmp_path / "rec2", tmp_path / "run2.log",
                   config=setup["config"], num_gpus=1)
     assert run2.returncode == 0, run2.output[-4000:]
-    assert f"resuming {checkpoints / 'step_4'} written by 2 ranks on 1 ranks (ZeRO-{stage}" in run2.output
+    assert f"resuming {checkpoints / 'step_4'} written by 2 ranks on 1 ranks (ZeRO-2" in run2.output
     assert (checkpoints / "step_4" / "universal" / "COMPLETE").is_file()
 
     # 3. two ranks again: to the end of the epoch
     run3 = launch(_args(out, setup, 2, zero), tmp_path / "rec3", tmp_path / "run3.log", config=setup["config"])
     assert run3.returncode == 0, run3.output[-4000:]
-    assert f"resuming {checkpoints / 'step_8'} written by 1 ranks on 2 ranks (ZeRO-{stage}" in run3.output
+    assert f"resuming {checkpoints / 'step_8'} written by 1 ranks on 2 ranks (ZeRO-2" in run3.output
 
     seen = (_kept_ids(run1, 2, 0, 4) + _kept_ids(run2, 1, 4, 8, calls_per_step=2)
             + _kept_ids(run3, 2, 8, STEPS_PER_EPOCH))
@@ -149,45 +140,42 @@ def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, stage, 
     logged, ref = _logged(out), reference["losses"]
     assert sorted(logged) == list(range(1, STEPS_PER_EPOCH + 1))
     diffs = {s: abs(logged[s] - ref[s]) / abs(ref[s]) for s in ref}
-    if stage == 2:
-        assert logged == ref, diffs
-    else:
-        for steps, tolerance in ZERO3_TOLERANCE.items():
-            assert max(diffs[s] for s in steps) < tolerance, (steps, diffs)
-
-    if stage == 2:  # every rank holds the full weights: compare them across each re-partition
-        first_after_resume = run2.criterion_records(0)[0]["params_sha256"]
-        assert first_after_resume == reference["records"][0][4]["params_sha256"]  # weights after step 4
-        exported = export_checkpoint(checkpoints, "step_8", stage, tmp_path / "step_8.safetensors")
-        assert run3.criterion_records(0)[0]["params_sha256"] == _weights_digest(exported)
-        assert torch.isfinite(torch.tensor(list(logged.values()))).all()
-    print(f"ZeRO-{stage}: {len(seen)} images once; relative loss difference per step "
+    assert logged == ref, diffs
+    # every rank holds the full weights under ZeRO-2: compare them across each re-partition
+    first_after_resume = run2.criterion_records(0)[0]["params_sha256"]
+    assert first_after_resume == reference["records"][0][4]["params_sha256"]  # weights after step 4
+    exported = export_checkpoint(checkpoints, "step_8", 2, tmp_path / "step_8.safetensors")
+    assert run3.criterion_records(0)[0]["params_sha256"] == _weights_digest(exported)
+    print(f"ZeRO-2: {len(seen)} images once; relative loss difference per step "
           f"{[f'{diffs[s]:.1e}' for s in sorted(diffs)]}")
-    record(f"elastic_zero{stage}", faults_injected=int(stage == 2), samples_checked=len(seen),
-           data_lost=len(twice) + len(missed), loss_max_relative_diff=max(diffs.values()), **outcome)
+    record("elastic_zero2", faults_injected=1, samples_checked=len(seen), data_lost=len(twice) + len(missed),
+           loss_max_relative_diff=max(diffs.values()), **outcome)
 
 
-MATRIX = ["0:fp32", "1:fp32", "0:bf16", "1:bf16", "2:bf16", "3:bf16"]
+# (ZeRO stage, precision) of the stand-in matrix; ZeRO-2/3 fp32 run the real DINO above
+MATRIX = ["0:fp32", "1:fp32", "3:fp32", "0:bf16", "1:bf16", "2:bf16", "3:bf16"]
 
 
-def test_every_zero_stage_and_precision_resumes_two_ranks_on_one(tmp_path):
-    """The tiny stand-in model (tests/elastic_matrix_rank.py), 2 launches for every case: 4 steps
-    on 2 ranks, then resumed on 1 rank with 2 accumulation steps to step 8, against 8
-    uninterrupted steps on 2 ranks."""
-    runs = {}
-    for phase, ranks in (("first", 2), ("resume", 1)):
+def test_every_zero_stage_and_precision_resumes_on_fewer_and_more_ranks(tmp_path):
+    """The tiny stand-in model (tests/elastic_matrix_rank.py), 3 launches for all cases: 4 steps
+    on 2 ranks, resumed on 1 rank with 2 accumulation steps to step 8, resumed on 2 ranks to
+    the epoch's end (12), against 12 uninterrupted steps on 2 ranks."""
+    output = {}
+    for phase, ranks in (("first", 2), ("shrink", 1), ("grow", 2)):
         cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "tests/elastic_matrix_rank.py",
                "--out", str(tmp_path), "--phase", phase, "--cases", *MATRIX]
-        runs[phase] = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-        assert runs[phase].returncode == 0, (runs[phase].stdout + runs[phase].stderr)[-4000:]
+        run = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+        output[phase] = run.stdout + run.stderr
+        assert run.returncode == 0, output[phase][-4000:]
     diffs = {}
     for case in MATRIX:
         stage, precision = case.split(":")
         base = tmp_path / f"zero{stage}_{precision}"
-        assert f"resuming {base / 'chain' / 'checkpoints' / 'step_4'} written by 2 ranks on 1 ranks (ZeRO-{stage}" \
-            in runs["resume"].stdout + runs["resume"].stderr
+        checkpoints = base / "chain" / "checkpoints"
+        assert f"resuming {checkpoints / 'step_4'} written by 2 ranks on 1 ranks (ZeRO-{stage}" in output["shrink"]
+        assert f"resuming {checkpoints / 'step_8'} written by 1 ranks on 2 ranks (ZeRO-{stage}" in output["grow"]
         logged, ref = _logged(base / "chain"), _logged(base / "reference")
-        assert sorted(logged) == sorted(ref) == list(range(1, 9))
-        diffs[case] = max(abs(logged[s] - ref[s]) / abs(ref[s]) for s in range(5, 9))
-    print("2 -> 1 ranks, steps 5-8, max relative loss difference:", {k: f"{v:.1e}" for k, v in diffs.items()})
+        assert sorted(logged) == sorted(ref) == list(range(1, 13))
+        diffs[case] = max(abs(logged[s] - ref[s]) / abs(ref[s]) for s in range(5, 13))
+    print("2 -> 1 -> 2 ranks, steps 5-12, max relative loss difference:", {k: f"{v:.1e}" for k, v in diffs.items()})
     assert all(v == 0 for v in diffs.values()), diffs

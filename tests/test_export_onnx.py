@@ -209,7 +209,9 @@ def test_custom_op_form_has_one_documented_node_per_msda_call(tmp_path, demo_che
 
 @pytest.fixture(scope="module")
 def demo_onnx(tmp_path_factory, demo_checkpoint) -> Path:
-    return _export(DEMO, demo_checkpoint, tmp_path_factory.mktemp("demo_onnx") / "demo.onnx", "--dynamic")
+    # without onnxscript's optimizer (a third of the export's time); the custom-op test runs it
+    return _export(DEMO, demo_checkpoint, tmp_path_factory.mktemp("demo_onnx") / "demo.onnx", "--dynamic",
+                   "--skip-optimizer")
 
 
 @pytest.mark.slow

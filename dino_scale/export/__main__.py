@@ -1,5 +1,6 @@
 """`python -m dino_scale.export onnx --config C --checkpoint CKPT --out model.onnx
-[--opset N] [--height H --width W | --dynamic] [--msda {gather,custom}] [key.sub=value ...]`
+[--opset N] [--height H --width W | --dynamic] [--msda {gather,custom}] [--skip-optimizer]
+[key.sub=value ...]`
 
 Bad inputs (a checkpoint that does not fit the config, an unsupported opset, an output that
 cannot be written) print one line to stderr and exit with status 2, leaving no file behind.
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--msda", choices=MSDA_FORMS, default="gather",
                       help="deformable attention as standard ops (gather) or one custom node per call "
                            "(custom: domain dino_scale, op MSDeformAttn, for a TensorRT plugin)")
+    onnx.add_argument("--skip-optimizer", action="store_true",
+                      help="skip onnxscript's graph optimizer (most of a Swin-L export's time); ONNX Runtime "
+                           "optimizes the graph again when it loads it")
     onnx.add_argument("--categories", default=None,
                       help="COCO JSON / manifest whose class names go into the file's metadata "
                            "(default: the checkpoint's metadata)")
@@ -69,7 +73,8 @@ def run_onnx(args: argparse.Namespace) -> None:
     metadata = {CONFIG_KEY: json.dumps(config_to_dict(cfg)),
                 CATEGORIES_KEY: json.dumps(categories)}
     result = export_onnx(model, args.out, num_select=cfg.model.num_select, height=height, width=width,
-                         dynamic=not fixed, opset=args.opset, msda=args.msda, metadata=metadata)
+                         dynamic=not fixed, opset=args.opset, msda=args.msda, metadata=metadata,
+                         optimize=not args.skip_optimizer)
     print(f"wrote {result.path} (opset {result.opset}, msda {result.msda}, inputs "
           + ", ".join(f"{name} {dims}" for name, dims in result.dynamic_axes.items()) + ")")
 
