@@ -52,12 +52,15 @@ class TrainingMetrics:
         self.grad_norm = Gauge("dino_grad_norm", "Global gradient norm before clipping", registry=r)
         self.images_per_second = Gauge("dino_images_per_second",
                                        "Training throughput of this rank over the last step", registry=r)
-        self.step_seconds = Histogram("dino_step_seconds", "Wall time of one optimizer micro-step",
+        self.step_seconds = Histogram("dino_step_seconds", "Wall time of one optimizer step (all its micro-batches)",
                                       buckets=buckets, registry=r)
         self.data_wait_seconds = Histogram("dino_data_wait_seconds",
                                            "Time spent waiting for the next batch", buckets=buckets,
                                            registry=r)
         self.steps = Counter("dino_steps", "Optimizer steps taken", registry=r)
+        # counters restart with each process; these continue across restarts and world sizes
+        self.run_step = Gauge("dino_run_step", "Optimizer steps of the whole run, from the checkpoint on", registry=r)
+        self.run_images = Gauge("dino_run_images", "Images trained by all ranks over the whole run", registry=r)
         self.images = Counter("dino_images", "Training images consumed by this rank", registry=r)
         self.skipped_steps = Counter("dino_skipped_steps", "Steps skipped because the loss was not finite",
                                      registry=r)
@@ -104,6 +107,11 @@ class TrainingMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def observe_run(self, step: int, images: int) -> None:
+        """The run's position (from the checkpoint after a resume, whatever the world size)."""
+        self.run_step.set(step)
+        self.run_images.set(images)
 
     def observe_step(self, *, losses: Mapping[str, float], lrs: Mapping[str, float],
                      grad_norm: float | None, images: int, step_seconds: float,

@@ -146,6 +146,10 @@ def test_two_to_one_to_two_ranks_trains_the_epoch_once(setup, reference, tmp_pat
     assert first_after_resume == reference["records"][0][4]["params_sha256"]  # weights after step 4
     exported = export_checkpoint(checkpoints, "step_8", 2, tmp_path / "step_8.safetensors")
     assert run3.criterion_records(0)[0]["params_sha256"] == _weights_digest(exported)
+    # the process's counters restart; the run's position continues
+    metrics = run3.metrics(0)
+    assert metrics["dino_steps_total"] == 4 and metrics["dino_run_step"] == STEPS_PER_EPOCH
+    assert metrics["dino_run_images"] == len(setup["image_ids"])
     print(f"ZeRO-2: {len(seen)} images once; relative loss difference per step "
           f"{[f'{diffs[s]:.1e}' for s in sorted(diffs)]}")
     record("elastic_zero2", faults_injected=1, samples_checked=len(seen), data_lost=len(twice) + len(missed),

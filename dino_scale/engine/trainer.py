@@ -339,6 +339,7 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         saved = self._resume()
+        self.metrics.observe_run(self.step, self.images_seen)
         preempted = False
         while not self._done():
             loader = self._epoch_loader(saved)
@@ -437,6 +438,7 @@ class Trainer:
             self.step += 1
             self.schedule_steps += self.global_batch / self.schedule_batch
             self.metrics.observe_data(loader.stats())
+            self.metrics.observe_run(self.step, self.images_seen)
             self._log_step(terms, step_seconds, data_wait, len(targets))
             self.metrics.steps.inc()  # last: a scrape that sees the step sees all its metrics
             if self.step % self.cfg.train.checkpoint_every_steps == 0:
