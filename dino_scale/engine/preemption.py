@@ -1,7 +1,7 @@
-"""SIGTERM as a request to checkpoint and stop (preemption), polled between micro-steps.
+"""SIGTERM as a request to checkpoint and stop (preemption), polled between optimizer steps.
 
 While a `Preemption` is entered, SIGTERM is blocked in the calling thread and polled once
-per micro-step. Processes started meanwhile (data-loader workers) inherit the blocked
+per optimizer step. Processes started meanwhile (data-loader workers) inherit the blocked
 mask: the DeepSpeed launcher sends SIGTERM to a rank's children before the rank, and a
 worker killed under the rank would abort it before it can checkpoint. The handler covers
 threads started earlier, where the signal is not blocked.

@@ -322,7 +322,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         # SIGTERM is blocked from here on (loader workers started later inherit that) and
-        # polled once per micro-step: see dino_scale.engine.preemption.
+        # polled once per optimizer step: see dino_scale.engine.preemption.
         with self.preemption:
             try:
                 self._build()
