@@ -270,6 +270,10 @@ class Trainer:
         saved_layout = DataLayout(**client["data_layout"]) if client.get("data_layout") else None
         if saved_layout is not None and saved_layout.serves(self.world, self.micro_batch, self.accum):
             self.data_layout = saved_layout
+            if saved_layout.workers != self.cfg.data.num_workers:
+                log.warning("data.num_workers=%d not applied: the run's data layout reads each of its %d loaders "
+                            "with %d workers (the sample order depends on it)", self.cfg.data.num_workers,
+                            saved_layout.ranks, saved_layout.workers)
         elif saved_layout is not None:
             log.info("data layout %s -> %s: the rest of the epoch is split anew", saved_layout, self.data_layout)
         log.info("resumed from %s: step %d, epoch %d, %d images trained", source.directory, self.step,
