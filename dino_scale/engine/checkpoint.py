@@ -198,10 +198,9 @@ class ResumeSource:
 class Restored:
     client_state: dict[str, Any]
     saved_world: int
-    # this rank's saved state (same number of ranks), else None
+    # this rank's saved state (same number of ranks), else None (`CheckpointManager.rank_states`
+    # reads every rank's)
     rank_state: dict[str, Any] | None
-    # every saved rank's state, in rank order (None: a rank's file is missing, same number of ranks)
-    all_rank_states: list[dict[str, Any]] | None
 
 
 def _saved_zero_stage(directory: Path, marker: dict[str, Any]) -> int:
@@ -361,16 +360,20 @@ class CheckpointManager:
                 str(self.root), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=False)
         if client_state is None:
             raise IncompatibleCheckpointError(f"DeepSpeed found no checkpoint to load in {directory}")
-        rank_dir = directory / "rank_state"
-        files = [rank_dir / f"rank{r}.pt" for r in range(source.saved_world)]
+        own = None
+        if source.saved_world == world:
+            rank_file = directory / "rank_state" / f"rank{dist_utils.rank()}.pt"
+            own = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else None
+        return Restored(client_state, source.saved_world, own)
+
+    def rank_states(self, source: ResumeSource) -> list[dict[str, Any]]:
+        """Every saved rank's state (RNG and loader position), in rank order: what a resume in
+        another data layout continues from."""
+        files = [source.directory / "rank_state" / f"rank{r}.pt" for r in range(source.saved_world)]
         missing = [f.name for f in files if not f.is_file()]
-        if missing and source.saved_world != world:
-            raise IncompatibleCheckpointError(f"{directory} lacks the per-rank state of {missing}")
-        # every rank's state (small: RNG and loader position): a data layout that changes
-        # continues from the positions of all of them
-        states = None if missing else [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-        own = states[dist_utils.rank()] if states is not None and source.saved_world == world else None
-        return Restored(client_state, source.saved_world, own, states)
+        if missing:
+            raise IncompatibleCheckpointError(f"{source.directory} lacks the per-rank state of {missing}")
+        return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
 
     def _prune(self) -> None:
         complete = list_checkpoints(self.root)

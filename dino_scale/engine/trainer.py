@@ -278,10 +278,13 @@ class Trainer:
             log.info("data layout %s -> %s: the rest of the epoch is split anew", saved_layout, self.data_layout)
         log.info("resumed from %s: step %d, epoch %d, %d images trained", source.directory, self.step,
                  self.epoch, self.images_seen)
-        states = restored.all_rank_states
         own = restored.rank_state
-        if own is None and states is not None and self.rank < len(states):
-            own = states[self.rank]
+        if restored.saved_world != self.world or self.data_layout != saved_layout:
+            # another layout continues from the positions of every saved rank
+            states = self.checkpoints.rank_states(source)
+            own = states[self.rank] if self.rank < len(states) else None
+        else:
+            states = [own] if own is not None else None  # its own loaders' positions suffice
         if own is not None:
             restore_rng_state(own["rng"])
         else:  # a rank the checkpoint did not have: its own stream, the same on every such resume
