@@ -436,10 +436,10 @@ class Trainer:
             num_boxes = max(boxes_all_ranks / (self.world * self.accum), 1.0)
             terms = self._train_step(step, num_boxes, loader)
             step_seconds = time.perf_counter() - tick
-            self.images_seen += int(images_all_ranks)
             self.train_seconds += step_seconds
             if terms is None:
                 continue
+            self.images_seen += int(images_all_ranks)  # trained: a skipped step's images are not
             self._trained_position = loader.state_dict()
             self.consecutive_skipped = 0
             self.step += 1
