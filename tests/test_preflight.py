@@ -318,7 +318,7 @@ def test_a_resume_checkpoint_of_another_model_or_global_batch_is_named(tmp_path:
 
     assert "written by 2 ranks, this run has 1" in resume_line(
         load_config(DEMO_CONFIG, [*cfg_overrides(out), "deepspeed.gradient_accumulation_steps=2"]), 1)
-    assert "global batch of 8 (2 ranks), this run's is 4" in resume_line(cfg, 1)
+    assert "global batch of 8 (2 ranks); this run's is 4" in resume_line(cfg, 1)
     saved["model"]["num_queries"] += 1
     (step / "config.json").write_text(json.dumps(saved))
     assert "model.num_queries: checkpoint" in resume_line(cfg, 2)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dino_scale.config import Config, deep_merge
+from dino_scale.config import Config, DeepSpeedConfig, deep_merge
 from dino_scale.hardware import cpu_features_line, cpu_has_native_bf16
 from dino_scale.log import get_logger
 
@@ -37,7 +37,7 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if micro < 1 or accum < 1:
         raise ValueError("deepspeed.micro_batch_per_gpu and gradient_accumulation_steps must be >= 1")
     config: dict[str, Any] = {
-        "train_batch_size": micro * accum * world_size,
+        "train_batch_size": global_batch(ds, world_size),
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": ds.gradient_clipping,
@@ -58,3 +58,20 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         )
     deep_merge(config, ds.extra)
     return config
+
+
+def global_batch(ds: DeepSpeedConfig, world_size: int) -> int:
+    """Images per optimizer step: micro-batch x accumulation x ranks."""
+    return ds.micro_batch_per_gpu * ds.gradient_accumulation_steps * world_size
+
+
+def global_batch_change_refusal(saved: int, saved_world: int, ds: DeepSpeedConfig, world_size: int) -> str:
+    """Why a resume from a run of global batch `saved` (on `saved_world` ranks) is refused,
+    naming the setting that keeps the saved batch on `world_size` ranks."""
+    per_rank = saved / (world_size * ds.micro_batch_per_gpu)
+    hint = (f"deepspeed.gradient_accumulation_steps={int(per_rank)}" if per_rank == int(per_rank)
+            else f"deepspeed.micro_batch_per_gpu x gradient_accumulation_steps = {saved / world_size:g}")
+    return (f"the checkpoint was trained with a global batch of {saved} ({saved_world} ranks); this run's is "
+            f"{global_batch(ds, world_size)} ({world_size} ranks x {ds.micro_batch_per_gpu} x "
+            f"{ds.gradient_accumulation_steps} accumulation): keep it with {hint}, or set "
+            "train.allow_global_batch_change=true (the schedule then follows samples)")

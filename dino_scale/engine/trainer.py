@@ -68,7 +68,7 @@ from dino_scale.engine.checkpoint import (
     restore_rng_state,
     tag_for_step,
 )
-from dino_scale.engine.ds_config import build_deepspeed_config
+from dino_scale.engine.ds_config import build_deepspeed_config, global_batch, global_batch_change_refusal
 from dino_scale.engine.evaluator import evaluate
 from dino_scale.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_factor
 from dino_scale.engine.preemption import Preemption, release_frames
@@ -177,7 +177,7 @@ class Trainer:
         if comp.categories is None:
             comp.categories = dataset_categories(cfg.data)
         model = comp.model.to(self.device)
-        self.global_batch = self.schedule_batch = self.micro_batch * self.accum * self.world
+        self.global_batch = self.schedule_batch = global_batch(self.cfg.deepspeed, self.world)
         self.data_layout = DataLayout(self.world, self.micro_batch, self.accum, cfg.data.num_workers)
         self.resume_source = self.checkpoints.resume_source() if cfg.train.auto_resume else None
         if self.resume_source is not None:
@@ -298,14 +298,8 @@ class Trainer:
         if saved == self.global_batch:
             return
         if not self.cfg.train.allow_global_batch_change:
-            per_rank = saved / (self.world * self.micro_batch)
-            hint = (f"deepspeed.gradient_accumulation_steps={int(per_rank)}" if per_rank == int(per_rank)
-                    else f"deepspeed.micro_batch_per_gpu x gradient_accumulation_steps = {saved / self.world:g}")
             raise IncompatibleCheckpointError(
-                f"the checkpoint was trained with a global batch of {saved} ({saved_world} ranks); this run's is "
-                f"{self.global_batch} ({self.world} ranks x {self.micro_batch} x {self.accum} accumulation): "
-                f"keep it with {hint}, or set train.allow_global_batch_change=true (the schedule then follows samples)"
-            )
+                global_batch_change_refusal(saved, saved_world, self.cfg.deepspeed, self.world))
         log.warning("global batch %d -> %d (train.allow_global_batch_change): the LR schedule and max_steps "
                     "follow samples, in steps of %s images", saved, self.global_batch,
                     client.get("schedule_batch", saved))

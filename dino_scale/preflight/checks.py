@@ -25,7 +25,7 @@ from dino_scale.engine.checkpoint import (
     latest_complete,
     read_complete_marker,
 )
-from dino_scale.engine.ds_config import build_deepspeed_config
+from dino_scale.engine.ds_config import build_deepspeed_config, global_batch, global_batch_change_refusal
 from dino_scale.hardware import cpu_features_line, cpu_has_native_bf16
 from dino_scale.models import build_dino
 from dino_scale.preflight.locations import Locations
@@ -232,11 +232,10 @@ def check_resume(cfg: Config, report: Report, world_size: int, required: bool) -
         report.fail("resume", str(exc))
         return True
     saved_batch = _saved_global_batch(directory, saved_world)
-    batch = world_size * cfg.deepspeed.micro_batch_per_gpu * cfg.deepspeed.gradient_accumulation_steps
+    batch = global_batch(cfg.deepspeed, world_size)
     if saved_batch is not None and saved_batch != batch and not cfg.train.allow_global_batch_change:
-        report.fail("resume", f"{directory} was trained with a global batch of {saved_batch} ({saved_world} ranks), "
-                              f"this run's is {batch}: set deepspeed.gradient_accumulation_steps or "
-                              "deepspeed.micro_batch_per_gpu to keep it, or train.allow_global_batch_change=true")
+        report.fail("resume", f"{directory}: "
+                              + global_batch_change_refusal(saved_batch, saved_world, cfg.deepspeed, world_size))
     elif saved_world != world_size:
         report.ok("resume", f"{directory} (step {step}) was written by {saved_world} ranks, this run has "
                             f"{world_size}: weights, optimizer state and data position are re-partitioned")
@@ -288,7 +287,7 @@ def check_deepspeed(cfg: Config, report: Report, world_size: int) -> None:
         return
     finally:
         ds_log.setLevel(level)
-    expected = ds.micro_batch_per_gpu * ds.gradient_accumulation_steps * world_size
+    expected = global_batch(ds, world_size)
     if config.get("train_batch_size") != expected:
         report.fail("deepspeed", f"deepspeed.extra sets train_batch_size={config.get('train_batch_size')}, but "
                                  f"micro batch {ds.micro_batch_per_gpu} x accumulation "
