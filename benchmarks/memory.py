@@ -26,6 +26,7 @@ The optimizer step is left out: it costs the same whatever is checkpointed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -41,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from dino_scale.config import load_config  # noqa: E402
 from dino_scale.engine.batching import outputs_to_float  # noqa: E402
 from dino_scale.hardware import cpu_features_line  # noqa: E402
+from dino_scale.io import atomic_write_text  # noqa: E402
 from dino_scale.models import build_criterion, build_dino  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="4scale,5scale")
     p.add_argument("--combinations", default=",".join(COMBINATIONS))
     p.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (after one warm-up)")
+    p.add_argument("--count-only", action="store_true",
+                   help="CPU: one forward + loss per row that drops what autograd saves as it counts it (no "
+                        "backward, no time), so that full-size rows fit in a small RAM")
     p.add_argument("--json", default=None, help="write every measurement to this file")
     p.add_argument("--write", default=None, help="write the markdown table to this file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last")
@@ -99,23 +105,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         assert len(args.hw) == 2 and min(args.hw) >= 32 and min(args.images) >= 1
     except (ValueError, AssertionError):
         parser.error(f"--size must be HxW (>= 32) and --images positive integers, got {args.size!r}, {args.images!r}")
+    if args.count_only and args.device != "cpu":
+        parser.error("--count-only counts on the CPU; on CUDA the allocator measures the real step")
     return args
 
 
 class SavedBytes:
-    """Counts the bytes autograd saves for backward while active (each storage once)."""
+    """Counts the bytes autograd saves for backward while active: each storage once, the
+    model's parameters and buffers left out (they are model states, counted apart).
 
-    def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
+    With `keep=False` what autograd saves is dropped at once (no backward is possible): the
+    forward then holds only its working set, so a full-size count fits in a small RAM. A
+    storage freed and another allocated at its address are told apart by a weak reference."""
 
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        self.storages.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
+    def __init__(self, model: torch.nn.Module, keep: bool = True) -> None:
+        self.keep = keep
+        self.model_states = {_storage_ref(t).cdata for t in [*model.parameters(), *model.buffers()]}
+        self.seen: dict[int, StorageWeakRef] = {}
+        self.total = 0
 
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        ref = _storage_ref(tensor)
+        if ref.cdata not in self.model_states:
+            known = self.seen.get(ref.cdata)
+            if known is None or known.expired():
+                self.seen[ref.cdata] = ref
+                self.total += tensor.untyped_storage().nbytes()
+        return tensor if self.keep else None
+
+
+def _storage_ref(tensor: torch.Tensor) -> StorageWeakRef:
+    return StorageWeakRef(tensor.untyped_storage())
 
 
 def set_checkpointing(model: torch.nn.Module, combination: str) -> None:
@@ -126,15 +146,17 @@ def set_checkpointing(model: torch.nn.Module, combination: str) -> None:
 
 
 def one_step(model, criterion, batch, device, dtype, counter: SavedBytes | None = None) -> None:
+    """Forward + loss (counted by `counter` when given) + backward, unless `counter` drops what
+    autograd saves: then there is nothing to run backward on."""
     batch = batch.to(device, dtype=dtype)
     images, masks, targets = batch.images, batch.masks, batch.targets
-    if counter is None:
+    with contextlib.ExitStack() as stack:
+        if counter is not None:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t))
         outputs = model(images, masks, targets)
-    else:
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            outputs = model(images, masks, targets)
-    loss = criterion(outputs_to_float(outputs), targets)["loss"]
-    loss.backward()
+        loss = criterion(outputs_to_float(outputs), targets)["loss"]
+    if counter is None or counter.keep:
+        loss.backward()
 
 
 def measure(model, criterion, batch, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
@@ -148,7 +170,7 @@ def measure(model, criterion, batch, device: torch.device, dtype: torch.dtype, r
     model.zero_grad(set_to_none=False)
     seconds, activation_bytes = [], 0
     for i in range(repeats):
-        counter = None if cuda or i > 0 else SavedBytes()
+        counter = None if cuda or i > 0 else SavedBytes(model)
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -163,6 +185,14 @@ def measure(model, criterion, batch, device: torch.device, dtype: torch.dtype, r
             activation_bytes = counter.total
         model.zero_grad(set_to_none=False)
     return {"seconds": statistics.median(seconds), "activation_bytes": activation_bytes}
+
+
+def count_only(model, criterion, batch, device: torch.device, dtype: torch.dtype) -> dict[str, float | None]:
+    """The bytes a training step's forward + loss saves for backward, from one forward that
+    keeps none of them (no backward, no time)."""
+    counter = SavedBytes(model, keep=False)
+    one_step(model, criterion, batch, device, dtype, counter)
+    return {"seconds": None, "activation_bytes": counter.total}
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -185,18 +215,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 baseline = None
                 for combination in args.combinations:
                     set_checkpointing(model, combination)
-                    m = measure(model, criterion, batch, device, dtype, args.repeats)
+                    if args.count_only:
+                        m = count_only(model, criterion, batch, device, dtype)
+                    else:
+                        m = measure(model, criterion, batch, device, dtype, args.repeats)
                     if combination == "none":
                         baseline = m["seconds"]
                     row = {"model": name, "precision": precision, "images": images, "checkpointing": combination,
                            "parameters": params, "model_state_gib": states / GIB,
                            "activation_gib": m["activation_bytes"] / GIB,
                            "total_gib": (states + m["activation_bytes"]) / GIB, "seconds": m["seconds"],
-                           "time_ratio": m["seconds"] / baseline if baseline else None}
+                           "time_ratio": m["seconds"] / baseline if baseline and m["seconds"] else None}
                     rows.append(row)
                     print(f"{name} {precision} {images} img {combination:>25}: activations "
-                          f"{row['activation_gib']:6.2f} GiB, total {row['total_gib']:6.2f} GiB, "
-                          f"{row['seconds']:.3f} s" + (f" ({row['time_ratio']:.2f}x)" if baseline else ""),
+                          f"{row['activation_gib']:6.2f} GiB, total {row['total_gib']:6.2f} GiB"
+                          + (f", {row['seconds']:.3f} s" if row["seconds"] else "")
+                          + (f" ({row['time_ratio']:.2f}x)" if row["time_ratio"] else ""),
                           flush=True)
             del model, criterion
             if device.type == "cuda":
@@ -205,22 +239,31 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str) -> str:
-    what = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "bytes autograd saves"
+    if args.device == "cuda":
+        what = "torch.cuda.max_memory_allocated during the step"
+    elif args.count_only:
+        what = "bytes autograd saves in forward + loss, counted without keeping them"
+    else:
+        what = "bytes autograd saves in forward + loss"
+    command = f"python benchmarks/memory.py --device {args.device}" + (" --count-only" if args.count_only else "")
+    timing = ("No time: a count-only forward runs no backward." if args.count_only else
+              "Time: forward + loss + backward, ratio to no checkpointing of the same row group.")
     lines = [
         f"# Swin-L DINO training-step memory by activation checkpointing ({args.size}, {machine})",
         "",
-        f"Measured by `python benchmarks/memory.py --device {args.device}` (activations: {what};",
-        "model states: DeepSpeed's accounting for one GPU without partitioning, fp32 16 B/param,",
-        "bf16 mixed precision 20 B/param). Time: forward + loss + backward, ratio to no",
-        "checkpointing of the same row group. Synthetic batch, 20 boxes per image, denoising on.",
+        f"Measured by `{command}` (activations: {what};",
+        "parameters and buffers left out; model states: DeepSpeed's accounting for one GPU without",
+        "partitioning, fp32 16 B/param, bf16 mixed precision 20 B/param).",
+        f"{timing} Synthetic batch, 20 boxes per image, denoising on.",
         "",
         "| model | precision | images | checkpointed | activations (GiB) | + model states (GiB) | step (s) | vs none |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        seconds = f"{r['seconds']:.3f}" if r["seconds"] else ""
         ratio = f"{r['time_ratio']:.2f}x" if r["time_ratio"] else ""
         lines.append(f"| {r['model']} | {r['precision']} | {r['images']} | {r['checkpointing']} | "
-                     f"{r['activation_gib']:.2f} | {r['total_gib']:.2f} | {r['seconds']:.3f} | {ratio} |")
+                     f"{r['activation_gib']:.2f} | {r['total_gib']:.2f} | {seconds} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {machine}, images {args.size}", flush=True)
     rows = run(args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "size": args.size,
-                                               "rows": rows}, indent=2))
+        atomic_write_text(args.json, json.dumps({"machine": machine, "torch": torch.__version__, "size": args.size,
+                                                 "count_only": args.count_only, "rows": rows}, indent=2))
     if args.write:
-        Path(args.write).write_text(markdown(rows, args, machine))
+        atomic_write_text(args.write, markdown(rows, args, machine))
     return 0
 
 

@@ -202,6 +202,26 @@ def test_the_memory_benchmark_counts_less_saved_activation_with_more_checkpointi
     assert none["model_state_gib"] * 2**30 == 16 * none["parameters"]
     table = (tmp_path / "m.md").read_text()
     assert "| 5scale | fp32 | 1 | backbone+encoder+decoder |" in table
+    # a count that drops what it counts (the full-size CPU mode) counts the same bytes
+    assert memory.main([*argv, "--count-only", "--json", str(tmp_path / "c.json")]) == 0
+    counted = {r["checkpointing"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    assert {k: r["activation_gib"] for k, r in counted.items()} == {k: r["activation_gib"] for k, r in rows.items()}
+    assert counted["none"]["seconds"] is None and counted["none"]["time_ratio"] is None
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_saved_bytes_count_leaves_out_parameters_and_counts_each_storage_once(keep):
+    memory = load_memory_benchmark()
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    counter = memory.SavedBytes(layer, keep=keep)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        hidden = layer(x)  # saves x and a view of the weight (a parameter: left out)
+        out = (hidden * hidden[:, :1]).sum()  # saves `hidden` twice (itself and a view): one storage
+    assert counter.total == x.nbytes + hidden.nbytes
+    if keep:
+        out.backward()
+        assert x.grad is not None
 
 
 def test_the_memory_benchmark_refuses_unknown_names():
