@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py --device cuda --json mem.json --write docs/memory.md
     python benchmarks/memory.py --device cpu --size 64x96 --images 1 --precisions fp32
+    python benchmarks/memory.py --device cpu --count-only --precisions fp32   # full size, no time
 
 For the 4-scale and 5-scale Swin-L DINO (configs/pretrain_o365_swinl*.yaml), each number of
 images per step, each precision and each checkpointing combination (none, backbone, encoder,
@@ -12,7 +13,9 @@ image, denoising on) is measured in one run:
   allocated before it, with parameters and gradient buffers already in place (so: saved
   activations, recomputation, temporaries and workspace); on the CPU, where allocators
   differ, the bytes autograd saves for backward (each storage counted once, what a
-  checkpointed layer keeps included, its recomputation in backward not);
+  checkpointed layer keeps included, its recomputation in backward not; parameters and
+  buffers left out); --count-only drops each saved tensor as it counts it and runs no
+  backward, so a full-size step counts in a RAM smaller than its activations;
 - model states, counted as DeepSpeed does for one GPU without partitioning: fp32 training
   16 bytes/parameter (weights, gradients, Adam moments); bf16 mixed precision 20 bytes
   (2-byte weights and gradients, fp32 master weights, gradients and moments). ZeRO-2 over N
