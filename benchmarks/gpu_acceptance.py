@@ -17,6 +17,11 @@ ends within the deadline:
           the real trainer set-up: DeepSpeed engine, parameter groups, criterion with
           denoising): seconds per step, images/s, peak GPU memory; then, while time is left,
           the variants of --swinl-variants (5 scales, no backbone checkpointing, ...)
+  memory  only when named in --steps: benchmarks/memory.py over every activation-
+          checkpointing combination (4/5 scales, 1/2 images, fp32/bf16): peak memory and
+          step time against none; a row that does not fit the GPU is recorded as such
+
+    python benchmarks/gpu_acceptance.py --steps env,build,tests,msda,swinl,memory --deadline 570
 
 Every figure goes into one JSON file, rewritten atomically after each step, so what ran is
 kept even if the machine is taken away. The exit status is 0 when every step passed, 1
@@ -49,9 +54,11 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing the pack
 
 from dino_scale.io import atomic_write_text  # noqa: E402
 
-STEPS = ("env", "build", "tests", "msda", "swinl")
+STEPS = ("env", "build", "tests", "msda", "swinl", "memory")
+# `memory` (benchmarks/memory.py's whole checkpointing matrix) runs only when asked for
+DEFAULT_STEPS = STEPS[:-1]
 # Longest each step may take, in seconds (less when the deadline is nearer).
-STEP_LIMITS = {"env": 60, "build": 300, "tests": 180, "msda": 150, "swinl": 240}
+STEP_LIMITS = {"env": 60, "build": 300, "tests": 180, "msda": 150, "swinl": 240, "memory": 420}
 # A variant starts only if at least this many seconds are left before the deadline.
 MIN_VARIANT_SECONDS = 60
 RESULT_PREFIX = "ACCEPTANCE_RESULT "
@@ -76,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the JSON report (rewritten after each step)")
     p.add_argument("--deadline", type=float, default=480.0,
                    help="seconds the whole run may take; steps are stopped to keep it")
-    p.add_argument("--steps", default=",".join(STEPS),
-                   help=f"comma-separated steps to run, in the fixed order {','.join(STEPS)}")
+    p.add_argument("--steps", default=",".join(DEFAULT_STEPS),
+                   help=f"comma-separated steps to run, in the fixed order {','.join(STEPS)} "
+                        f"(default: all but memory)")
     p.add_argument("--python", default=sys.executable, help="interpreter for the step subprocesses")
     p.add_argument("--swinl-device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--swinl-size", default="800x1333", help="image HxW of the Swin-L steps")
@@ -89,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swinl-variants", default="5scale,4scale-no-ckpt,5scale-no-ckpt",
                    help=f"extra variants after the 4-scale run, while time is left ({', '.join(VARIANTS)}); "
                         "'' for none")
+    p.add_argument("--memory-args", default="--repeats 2",
+                   help="arguments of benchmarks/memory.py for the memory step (its device, size and JSON file, "
+                        "and the overrides, come from this run)")
     p.add_argument("--child", choices=["env", "verify-build", "swinl"], help=argparse.SUPPRESS)
     p.add_argument("--variant", default="4scale", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -344,6 +355,24 @@ def step_swinl(args: argparse.Namespace, limit: float, deadline: float) -> dict[
     return result
 
 
+def step_memory(args: argparse.Namespace, limit: float) -> dict[str, Any]:
+    """benchmarks/memory.py: peak memory and step time of every activation-checkpointing
+    combination; the rows measured before a timeout are kept."""
+    out_json = Path(tempfile.mkdtemp(prefix="dino_gpu_memory_")) / "memory.json"
+    cmd = [args.python, "benchmarks/memory.py", "--device", args.swinl_device, "--size", args.swinl_size,
+           "--json", str(out_json), *shlex.split(args.memory_args), *args.overrides]
+    started = time.perf_counter()
+    code, out = run_subprocess(cmd, limit)
+    seconds = time.perf_counter() - started
+    rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    if code != 0 or not rows:
+        why = "timed out" if code is None else f"exit status {code}"
+        result = failure("timeout" if code is None else "failed", seconds,
+                         f"benchmarks/memory.py {why} after {len(rows)} rows: {tail(out, 1)}", out)
+        return {**result, "rows": rows}
+    return {"status": "passed", "seconds": round(seconds, 1), "rows": rows}
+
+
 # ---------------------------------------------------------------------------------------
 # children (run in their own process)
 # ---------------------------------------------------------------------------------------
@@ -542,6 +571,10 @@ def summary_line(name: str, result: dict[str, Any]) -> str:
                  + (f" peak {r['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in r else "")
                  for r in runs]
         return f"{text}  " + "; ".join(parts)
+    if name == "memory":
+        rows = result["rows"]
+        out_of_memory = sum(1 for r in rows if r["out_of_memory"])
+        return f"{text}  {len(rows)} measurements ({out_of_memory} out of memory)"
     return text
 
 
@@ -556,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.steps:
         left = deadline - time.monotonic()
         # the caps are sized for a GPU machine; a CPU Swin-L step (the tests') has only the deadline
-        cap = args.deadline if name == "swinl" and args.swinl_device == "cpu" else STEP_LIMITS[name]
+        cap = args.deadline if name in ("swinl", "memory") and args.swinl_device == "cpu" else STEP_LIMITS[name]
         limit = min(cap, left - 2)
         if limit < 5 or report.failed_step in ("env", "build"):
             why = f"only {left:.0f} s left" if limit < 5 else f"step {report.failed_step} failed"
@@ -569,8 +602,10 @@ def main(argv: list[str] | None = None) -> int:
             report.record(name, step_tests(args, limit))
         elif name == "msda":
             report.record(name, step_msda(args, limit))
-        else:
+        elif name == "swinl":
             report.record(name, step_swinl(args, limit, deadline))
+        else:
+            report.record(name, step_memory(args, limit))
         print(summary_line(name, report.steps[name]), flush=True)
         if report.steps[name]["status"] not in ("passed", "skipped") and "output_tail" in report.steps[name]:
             print(report.steps[name]["output_tail"], flush=True)

@@ -34,6 +34,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count-only", action="store_true",
                    help="CPU: one forward + loss per row that drops what autograd saves as it counts it (no "
                         "backward, no time), so that full-size rows fit in a small RAM")
-    p.add_argument("--json", default=None, help="write every measurement to this file")
+    p.add_argument("--json", default=None, help="write every measurement to this file (rewritten after each)")
     p.add_argument("--write", default=None, help="write the markdown table to this file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last")
     return p
@@ -198,10 +199,12 @@ def count_only(model, criterion, batch, device: torch.device, dtype: torch.dtype
     return {"seconds": None, "activation_bytes": counter.total}
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, on_row: Callable[[list[dict[str, Any]]], None] | None = None
+        ) -> list[dict[str, Any]]:
+    """Every measurement of `args`, in order; `on_row(rows)` after each (to keep partial runs)."""
     device = torch.device(args.device)
     height, width = args.hw
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in args.models:
         cfg = load_config(MODELS[name], ["model.backbone.grad_checkpointing=false", *args.overrides])
         for precision in args.precisions:
@@ -218,27 +221,40 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 baseline = None
                 for combination in args.combinations:
                     set_checkpointing(model, combination)
-                    if args.count_only:
-                        m = count_only(model, criterion, batch, device, dtype)
-                    else:
-                        m = measure(model, criterion, batch, device, dtype, args.repeats)
-                    if combination == "none":
-                        baseline = m["seconds"]
                     row = {"model": name, "precision": precision, "images": images, "checkpointing": combination,
-                           "parameters": params, "model_state_gib": states / GIB,
-                           "activation_gib": m["activation_bytes"] / GIB,
-                           "total_gib": (states + m["activation_bytes"]) / GIB, "seconds": m["seconds"],
-                           "time_ratio": m["seconds"] / baseline if baseline and m["seconds"] else None}
+                           "parameters": params, "model_state_gib": states / GIB}
+                    try:
+                        if args.count_only:
+                            m = count_only(model, criterion, batch, device, dtype)
+                        else:
+                            m = measure(model, criterion, batch, device, dtype, args.repeats)
+                    except torch.OutOfMemoryError:  # a row that does not fit this GPU is a finding too
+                        model.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
+                        row.update(out_of_memory=True, activation_gib=None, total_gib=None, seconds=None,
+                                   time_ratio=None)
+                    else:
+                        if combination == "none":
+                            baseline = m["seconds"]
+                        row.update(out_of_memory=False, activation_gib=m["activation_bytes"] / GIB,
+                                   total_gib=(states + m["activation_bytes"]) / GIB, seconds=m["seconds"],
+                                   time_ratio=m["seconds"] / baseline if baseline and m["seconds"] else None)
                     rows.append(row)
-                    print(f"{name} {precision} {images} img {combination:>25}: activations "
-                          f"{row['activation_gib']:6.2f} GiB, total {row['total_gib']:6.2f} GiB"
-                          + (f", {row['seconds']:.3f} s" if row["seconds"] else "")
-                          + (f" ({row['time_ratio']:.2f}x)" if row["time_ratio"] else ""),
-                          flush=True)
+                    print(f"{name} {precision} {images} img {combination:>25}: " + describe(row), flush=True)
+                    if on_row:
+                        on_row(rows)
             del model, criterion
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def describe(row: dict[str, Any]) -> str:
+    if row["out_of_memory"]:
+        return "out of memory"
+    return (f"activations {row['activation_gib']:6.2f} GiB, total {row['total_gib']:6.2f} GiB"
+            + (f", {row['seconds']:.3f} s" if row["seconds"] else "")
+            + (f" ({row['time_ratio']:.2f}x)" if row["time_ratio"] else ""))
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str) -> str:
@@ -263,6 +279,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str)
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if r["out_of_memory"]:
+            lines.append(f"| {r['model']} | {r['precision']} | {r['images']} | {r['checkpointing']} | "
+                         "out of memory | | | |")
+            continue
         seconds = f"{r['seconds']:.3f}" if r["seconds"] else ""
         ratio = f"{r['time_ratio']:.2f}x" if r["time_ratio"] else ""
         lines.append(f"| {r['model']} | {r['precision']} | {r['images']} | {r['checkpointing']} | "
@@ -275,10 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = (torch.cuda.get_device_name(0) if args.device == "cuda"
                else f"CPU, {torch.get_num_threads()} threads, {cpu_features_line()}")
     print(f"torch {torch.__version__}, {machine}, images {args.size}", flush=True)
-    rows = run(args)
-    if args.json:
-        atomic_write_text(args.json, json.dumps({"machine": machine, "torch": torch.__version__, "size": args.size,
-                                                 "count_only": args.count_only, "rows": rows}, indent=2))
+    def save(rows: list[dict[str, Any]]) -> None:
+        if args.json:
+            atomic_write_text(args.json, json.dumps({"machine": machine, "torch": torch.__version__,
+                                                     "size": args.size, "count_only": args.count_only,
+                                                     "rows": rows}, indent=2))
+
+    rows = run(args, on_row=save)
     if args.write:
         atomic_write_text(args.write, markdown(rows, args, machine))
     return 0

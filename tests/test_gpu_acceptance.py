@@ -40,7 +40,7 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_defaults_run_every_step_within_eight_minutes():
     args = acceptance.parse_args([])
-    assert args.steps == list(acceptance.STEPS)
+    assert args.steps == list(acceptance.DEFAULT_STEPS) == [s for s in acceptance.STEPS if s != "memory"]
     assert args.deadline <= 480
     assert args.swinl_hw == (800, 1333)
     assert (args.swinl_precision, args.swinl_zero, args.swinl_device) == ("bf16", 2, "cuda")
@@ -177,6 +177,20 @@ def test_the_swin_l_training_step_runs_on_the_cpu_at_a_small_size(tmp_path):
     assert swinl["peak_rss_gib"] > 0
 
 
+@pytest.mark.slow
+def test_the_memory_step_records_each_measured_row(tmp_path):
+    out = tmp_path / "report.json"
+    result = run_script("--steps", "memory", "--swinl-device", "cpu", "--swinl-size", "64x96", "--out", str(out),
+                        "--memory-args", "--models 5scale --images 1 --precisions fp32 --combinations none,backbone "
+                                         "--repeats 1", "--deadline", "300", *SMALL_SWIN, timeout=350)
+    assert result.returncode == 0, result.stdout + result.stderr
+    memory = json.loads(out.read_text())["steps"]["memory"]
+    assert memory["status"] == "passed", memory
+    assert [(r["model"], r["checkpointing"]) for r in memory["rows"]] == [("5scale", "none"), ("5scale", "backbone")]
+    assert all(not r["out_of_memory"] and r["activation_gib"] > 0 for r in memory["rows"])
+    assert "2 measurements (0 out of memory)" in result.stdout
+
+
 def load_memory_benchmark():
     spec = importlib.util.spec_from_file_location("memory_benchmark", REPO / "benchmarks" / "memory.py")
     module = importlib.util.module_from_spec(spec)
@@ -222,6 +236,26 @@ def test_the_saved_bytes_count_leaves_out_parameters_and_counts_each_storage_onc
     if keep:
         out.backward()
         assert x.grad is not None
+
+
+def test_a_row_that_runs_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    memory = load_memory_benchmark()
+    measure = memory.measure
+
+    def measure_or_oom(model, *args, **kwargs):
+        if not model.backbone.grad_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(memory, "measure", measure_or_oom)
+    argv = ["--device", "cpu", "--size", "64x96", "--images", "1", "--precisions", "fp32", "--models", "4scale",
+            "--combinations", "none,backbone", "--repeats", "1", "--json", str(tmp_path / "m.json"),
+            "--write", str(tmp_path / "m.md"), *SMALL_SWIN]
+    assert memory.main(argv) == 0
+    none, backbone = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert none["out_of_memory"] and none["activation_gib"] is None
+    assert not backbone["out_of_memory"] and backbone["activation_gib"] > 0 and backbone["time_ratio"] is None
+    assert "| 4scale | fp32 | 1 | none | out of memory | | | |" in (tmp_path / "m.md").read_text()
 
 
 def test_the_memory_benchmark_refuses_unknown_names():
