@@ -32,7 +32,7 @@ from dino_scale.config import load_config
 from dino_scale.engine.distributed import free_port
 from dino_scale.engine.evaluator import format_table
 from dino_scale.engine.inference import detect, draw_detections, names_for
-from dino_scale.errors import UserError, run_command
+from dino_scale.errors import UserError, exit_process, run_command
 from dino_scale.io import atomic_write_text
 from dino_scale.log import get_logger, setup_logging
 from dino_scale.weights import load_model
@@ -226,4 +226,4 @@ def plot_losses(logs: dict[str, Path], out_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "launch/demo.py"))
+    exit_process(run_command(main, "launch/demo.py"))

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import cli
-from dino_scale.errors import run_command
+from dino_scale.errors import exit_process, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,4 +19,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "launch/evaluate.py"))
+    exit_process(run_command(main, "launch/evaluate.py"))

@@ -5,10 +5,9 @@ model's: `python launch/infer.py IMAGE --onnx model.onnx --out OUT.png`."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 import cli
-from dino_scale.errors import run_command
+from dino_scale.errors import exit_process, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,4 +20,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "launch/infer.py"))
+    exit_process(run_command(main, "launch/infer.py"))

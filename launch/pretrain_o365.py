@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import cli
-from dino_scale.errors import run_command
+from dino_scale.errors import exit_process, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,4 +21,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "launch/pretrain_o365.py"))
+    exit_process(run_command(main, "launch/pretrain_o365.py"))

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from dino_scale.config import config_to_dict, load_config
 from dino_scale.data.categories import read_categories
-from dino_scale.errors import run_command
+from dino_scale.errors import exit_process, run_command
 from dino_scale.export.graph import DEFAULT_OPSET, MSDA_FORMS, SUPPORTED_OPSETS, ExportError, check_opset, export_onnx
 from dino_scale.export.runtime import CATEGORIES_KEY, CONFIG_KEY
 from dino_scale.weights import load_model
@@ -94,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, prog="python -m dino_scale.export"))
+    exit_process(run_command(main, prog="python -m dino_scale.export"))

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from dino_scale.config import load_config
-from dino_scale.errors import run_command
+from dino_scale.errors import exit_process, run_command
 from dino_scale.preflight import Plan, require, run_preflight
 
 PROG = "python -m dino_scale.preflight"
@@ -50,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, PROG))
+    exit_process(run_command(main, PROG))
