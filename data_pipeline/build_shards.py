@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from data_pipeline.plan import ShardTask, plan_shards
 from data_pipeline.writer import SAMPLE_FORMAT_VERSION, WriterSettings, write_shard
 from dino_scale.data.manifest import build_manifest, write_manifest
 from dino_scale.data.storage import Storage, redact_url
-from dino_scale.errors import DEBUG_FLAG, UserError, run_command
+from dino_scale.errors import DEBUG_FLAG, UserError, exit_process, run_command
 from dino_scale.log import get_logger, progress, setup_logging
 from dino_scale.preflight import Report, require
 from dino_scale.preflight.locations import Locations
@@ -322,4 +321,4 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(_main, "python -m data_pipeline.build_shards"))
+    exit_process(run_command(_main, "python -m data_pipeline.build_shards"))

@@ -9,12 +9,11 @@ A command (the app layer): the formats and the conversion are `dino_scale.weight
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from dino_scale.errors import DEBUG_FLAG, run_command
+from dino_scale.errors import DEBUG_FLAG, exit_process, run_command
 from dino_scale.io import atomic_write_with
 from dino_scale.weights import (
     CheckpointError,
@@ -66,4 +65,4 @@ def convert(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
