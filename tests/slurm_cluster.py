@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dino_scale.engine.distributed import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 SBIN = ("/usr/sbin", "/sbin")
 
@@ -33,12 +35,6 @@ def missing_reason() -> str | None:
     if os.geteuid() != 0:
         return "a local slurmd must run as root (SlurmdUser=root) and this is not root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -99,8 +95,8 @@ def start_cluster(root: Path, cpus: int = 2) -> SlurmCluster:
     conf.write_text("\n".join([
         "ClusterName=dinotest",
         f"SlurmctldHost={node}(127.0.0.1)",
-        f"SlurmctldPort={_free_port()}",
-        f"SlurmdPort={_free_port()}",
+        f"SlurmctldPort={free_port()}",
+        f"SlurmdPort={free_port()}",
         "SlurmUser=root", "SlurmdUser=root",
         "AuthType=auth/munge", "CredType=cred/munge",
         # a requeued job may start again cred_expire + 1 s later (default 120)

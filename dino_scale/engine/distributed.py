@@ -19,12 +19,62 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+# Ports below the kernel's ephemeral range: bind(0) and outgoing connections never get them,
+# so a port picked here stays free until the process it is meant for binds it, seconds later.
+# Ray's worker ports (10002-19999 by default) are left out too. Jobs that share a machine
+# (e.g. parallel test workers) can each be given a range of their own: DINO_PORT_RANGE=LOW-HIGH.
+PICKED_PORTS = (20000, 32768)
+PORT_RANGE_ENV = "DINO_PORT_RANGE"
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
-def free_port() -> int:
-    """A TCP port on loopback that is free right now (rendezvous, launcher master port)."""
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that is free now (rendezvous, launcher master port, test servers).
+
+    Drawn at random from `$DINO_PORT_RANGE` (LOW-HIGH, HIGH excluded) or `PICKED_PORTS`,
+    where the kernel's ephemeral range lies above it (Linux: 32768-60999): a port the kernel
+    handed out with bind(0) could be handed out again, to a connection or another bind(0),
+    before its user binds it."""
+    rng = random.SystemRandom()  # not the seeded module RNG: two processes must not draw alike
+    low, high = port_range()
+    if _ephemeral_low() >= high:
+        for _ in range(200):
+            port = rng.randrange(low, high)
+            if _bindable(host, port):
+                return port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def port_range() -> tuple[int, int]:
+    """(low, high) that `free_port` draws from, high excluded."""
+    value = os.environ.get(PORT_RANGE_ENV)
+    if not value:
+        return PICKED_PORTS
+    try:
+        low, high = (int(v) for v in value.split("-"))
+    except ValueError:
+        raise ValueError(f"{PORT_RANGE_ENV}={value!r}: expected LOW-HIGH, e.g. 20000-26000") from None
+    if not 1024 <= low < high <= 65536:
+        raise ValueError(f"{PORT_RANGE_ENV}={value!r}: expected 1024 <= LOW < HIGH <= 65536")
+    return low, high
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # unknown: let the kernel choose
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def init_distributed() -> None:

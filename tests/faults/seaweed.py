@@ -9,12 +9,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from dino_scale.engine.distributed import free_port
 
 ACCESS_KEY = "weed-fault-access"
 SECRET_KEY = "weed-fault-secret-0123456789abcdef"
@@ -29,13 +30,11 @@ def weed_binary() -> str | None:
 
 
 def _free_ports(count: int) -> list[int]:
-    # below 50000: weed derives some gRPC ports as port + 10000
+    # distinct, and below 55536: weed derives some gRPC ports as port + 10000
     ports: list[int] = []
     while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 50000 and port not in ports:
+        port = free_port()
+        if port + 10000 < 65536 and port not in ports and port + 10000 not in ports:
             ports.append(port)
     return ports
 
