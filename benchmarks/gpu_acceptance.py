@@ -364,13 +364,14 @@ def step_memory(args: argparse.Namespace, limit: float) -> dict[str, Any]:
     started = time.perf_counter()
     code, out = run_subprocess(cmd, limit)
     seconds = time.perf_counter() - started
-    rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    record = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    rows, goal = record.get("rows", []), record.get("goal", [])
     if code != 0 or not rows:
         why = "timed out" if code is None else f"exit status {code}"
         result = failure("timeout" if code is None else "failed", seconds,
                          f"benchmarks/memory.py {why} after {len(rows)} rows: {tail(out, 1)}", out)
-        return {**result, "rows": rows}
-    return {"status": "passed", "seconds": round(seconds, 1), "rows": rows}
+        return {**result, "rows": rows, "goal": goal}
+    return {"status": "passed", "seconds": round(seconds, 1), "rows": rows, "goal": goal}
 
 
 # ---------------------------------------------------------------------------------------
@@ -574,7 +575,8 @@ def summary_line(name: str, result: dict[str, Any]) -> str:
     if name == "memory":
         rows = result["rows"]
         out_of_memory = sum(1 for r in rows if r["out_of_memory"])
-        return f"{text}  {len(rows)} measurements ({out_of_memory} out of memory)"
+        goal = "".join(f"\n    goal: {line}" for line in result.get("goal", []))
+        return f"{text}  {len(rows)} measurements ({out_of_memory} out of memory){goal}"
     return text
 
 

@@ -189,6 +189,9 @@ def test_the_memory_step_records_each_measured_row(tmp_path):
     assert [(r["model"], r["checkpointing"]) for r in memory["rows"]] == [("5scale", "none"), ("5scale", "backbone")]
     assert all(not r["out_of_memory"] and r["activation_gib"] > 0 for r in memory["rows"])
     assert "2 measurements (0 out of memory)" in result.stdout
+    # the 64x96 model fits 24 GB whatever is checkpointed: the pick is the faster row within 1.25x
+    assert memory["goal"] and memory["goal"][0].startswith("5scale fp32 1 img, under 24 GB within 1.25x of none: ")
+    assert "goal: 5scale fp32 1 img" in result.stdout
 
 
 def load_memory_benchmark():
@@ -256,6 +259,36 @@ def test_a_row_that_runs_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path,
     assert none["out_of_memory"] and none["activation_gib"] is None
     assert not backbone["out_of_memory"] and backbone["activation_gib"] > 0 and backbone["time_ratio"] is None
     assert "| 4scale | fp32 | 1 | none | out of memory | | | |" in (tmp_path / "m.md").read_text()
+
+
+def _row(combination: str, total_gib: float | None, seconds: float | None, ratio: float | None) -> dict:
+    return {"model": "5scale", "precision": "bf16", "images": 2, "checkpointing": combination,
+            "out_of_memory": total_gib is None, "activation_gib": total_gib and total_gib - 4.0,
+            "total_gib": total_gib, "seconds": seconds, "time_ratio": ratio}
+
+
+def test_the_memory_goal_picks_the_fastest_combination_under_budget_and_slowdown():
+    memory = load_memory_benchmark()
+    rows = [_row("none", 24.9, 0.490, 1.0), _row("backbone", 17.1, 0.550, 1.12),
+            _row("encoder", 19.0, 0.540, 1.10), _row("backbone+encoder", 9.0, 0.700, 1.43)]
+    # none is 26.7e9 bytes: over 24 GB; backbone+encoder fits but is 1.43x
+    (line,) = memory.goal_picks(rows, budget_gb=24, max_slowdown=1.25)
+    assert line.startswith("5scale bf16 2 img, under 24 GB within 1.25x of none: encoder (") and "also backbone" in line
+    (line,) = memory.goal_picks(rows, budget_gb=12, max_slowdown=1.25)
+    assert line.endswith(": no combination")
+    (line,) = memory.goal_picks(rows, budget_gb=8, max_slowdown=1.25)
+    assert line == "5scale bf16 2 img: nothing fits 8 GB"
+    # GiB against GB: 22.5 GiB is 24.2e9 bytes, over a 24 GB budget
+    assert memory.goal_picks([_row("none", 22.5, 0.49, 1.0)], 24, 1.25) == ["5scale bf16 2 img: nothing fits 24 GB"]
+
+
+def test_without_step_times_the_memory_goal_judges_memory_alone():
+    memory = load_memory_benchmark()
+    counted = [_row("none", 40.4, None, None), _row("backbone+encoder", 8.9, None, None),
+               _row("backbone", 21.0, None, None)]
+    (line,) = memory.goal_picks(counted, budget_gb=24, max_slowdown=1.25)
+    assert line.startswith("5scale bf16 2 img, under 24 GB (no time ratio to none: memory only): backbone (")
+    assert line.endswith("; also backbone+encoder")
 
 
 def test_the_memory_benchmark_refuses_unknown_names():
