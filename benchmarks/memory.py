@@ -254,7 +254,7 @@ def run(args: argparse.Namespace, on_row: Callable[[list[dict[str, Any]]], None]
 
 
 def describe(row: dict[str, Any]) -> str:
-    if row["out_of_memory"]:
+    if row.get("out_of_memory"):  # records before 2026-11-30 have no such key
         return "out of memory"
     return (f"activations {row['activation_gib']:6.2f} GiB, total {row['total_gib']:6.2f} GiB"
             + (f", {row['seconds']:.3f} s" if row["seconds"] else "")
@@ -271,7 +271,7 @@ def goal_picks(rows: list[dict[str, Any]], budget_gb: float, max_slowdown: float
         groups.setdefault((r["model"], r["precision"], r["images"]), []).append(r)
     for (model, precision, images), group in groups.items():
         head = f"{model} {precision} {images} img"
-        fits = [r for r in group if not r["out_of_memory"] and r["total_gib"] * GIB < budget_gb * 1e9]
+        fits = [r for r in group if r.get("total_gib") is not None and r["total_gib"] * GIB < budget_gb * 1e9]
         if not fits:
             lines.append(f"{head}: nothing fits {budget_gb:g} GB")
             continue
