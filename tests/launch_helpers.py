@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,24 +40,30 @@ def run_ok(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 def tiny_demo_data(base: Path) -> dict[str, Path]:
     """Demo shapes (48 pretraining, 16 fine-tuning, 8 val images of 128 px) and their
-    shards; built once per pytest session under `base`."""
+    shards; built once per pytest run under `base`. pytest-xdist workers share one copy in
+    the run's folder above their own: the first to get the lock builds it, the others wait."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
     root = base / "tiny_demo"
     out = {"root": root, "pretrain_shards": root / "shards" / "pretrain",
            "finetune_shards": root / "shards" / "finetune",
            "pretrain_ann": root / "data" / "pretrain" / "annotations.json",
            "val_images": root / "data" / "finetune_val" / "images",
            "val_ann": root / "data" / "finetune_val" / "annotations.json"}
-    if (out["finetune_shards"] / "manifest.json").is_file():
-        return out
-    splits = generate_demo_data(root / "data", pretrain_images=48, finetune_train_images=16,
-                                val_images=8, image_size=128, seed=5)
-    for split, shards in ((splits["pretrain"], out["pretrain_shards"]),
-                          (splits["finetune_train"], out["finetune_shards"])):
-        run_ok(
-            [sys.executable, "-m", "data_pipeline.build_shards", "--annotations", str(split.annotations),
-             "--images", str(split.images), "--output", str(shards), "--samples-per-shard", "8",
-             "--num-cpus", "2", "--object-store-mb", "100"],
-        )
+    with open(base / "tiny_demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out["finetune_shards"] / "manifest.json").is_file():  # written last
+            return out
+        shutil.rmtree(root, ignore_errors=True)  # what a failed build left
+        splits = generate_demo_data(root / "data", pretrain_images=48, finetune_train_images=16,
+                                    val_images=8, image_size=128, seed=5)
+        for split, shards in ((splits["pretrain"], out["pretrain_shards"]),
+                              (splits["finetune_train"], out["finetune_shards"])):
+            run_ok(
+                [sys.executable, "-m", "data_pipeline.build_shards", "--annotations", str(split.annotations),
+                 "--images", str(split.images), "--output", str(shards), "--samples-per-shard", "8",
+                 "--num-cpus", "2", "--object-store-mb", "100"],
+            )
     return out
 
 
