@@ -290,7 +290,7 @@ def goal_picks(rows: list[dict[str, Any]], budget_gb: float, max_slowdown: float
     return lines
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str) -> str:
+def markdown(rows: list[dict[str, Any]], goal: list[str], args: argparse.Namespace, machine: str) -> str:
     if args.device == "cuda":
         what = "torch.cuda.max_memory_allocated during the step"
     elif args.count_only:
@@ -322,7 +322,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, machine: str)
                      f"{r['activation_gib']:.2f} | {r['total_gib']:.2f} | {seconds} | {ratio} |")
     lines += ["", f"The goal (a step under {args.budget_gb:g} GB at most {args.max_slowdown:g}x the step without "
               "checkpointing), the fastest combination that meets it:", ""]
-    lines += [f"- {line}" for line in goal_picks(rows, args.budget_gb, args.max_slowdown)]
+    lines += [f"- {line}" for line in goal]
     return "\n".join(lines) + "\n"
 
 
@@ -340,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                                                     indent=2))
 
     rows = run(args, on_row=save)
-    for line in goal_picks(rows, args.budget_gb, args.max_slowdown):
+    goal = goal_picks(rows, args.budget_gb, args.max_slowdown)
+    for line in goal:
         print("goal:", line)
     if args.write:
-        atomic_write_text(args.write, markdown(rows, args, machine))
+        atomic_write_text(args.write, markdown(rows, goal, args, machine))
     return 0
 
 
